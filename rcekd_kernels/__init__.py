@@ -1,0 +1,20 @@
+"""rcekd_kernels: the RCE-KD loss (Rejuvenated Cross-Entropy for Knowledge
+Distillation in recommender systems), exact and fast, on several backends."""
+from . import ops  # registers the torch.library custom ops  # noqa: F401
+from .backends import available_backends, describe as describe_backends
+from .functional import RCEKDFunction, Selection, rce_kd_loss, rce_kd_loss_gathered, select
+from .modules import RCEKDLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "rce_kd_loss",
+    "select",
+    "rce_kd_loss_gathered",
+    "Selection",
+    "RCEKDFunction",
+    "RCEKDLoss",
+    "available_backends",
+    "describe_backends",
+    "__version__",
+]
