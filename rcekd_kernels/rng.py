@@ -7,8 +7,17 @@ The hash is ``lowbias32`` (a 32-bit integer finaliser) applied three times::
     k1 = lowbias32((seed mod 2**32) ^ 0x9E3779B9)
     k2 = lowbias32(k1 ^ (row_id mod 2**32))
     h  = lowbias32(k2 ^ (item mod 2**32))
-    u  = ((h >> 8) + 0.5) * 2**-24          # exact in float32, strictly inside (0, 1)
-    g  = -log(-log(u))                      # a standard Gumbel number, float32
+    u  = ((h >> 8) + 0.5) * 2**-24          # exact in float64, strictly inside (0, 1)
+    g  = -log(-log(u))                      # a standard Gumbel number, in float64
+
+and the sampling key of a pool item with integer count c is
+
+    key = float32(c / T + g)                # sum in float64, rounded once to float32
+
+u and g are float64 on purpose: u has 25 significant bits (it is not exact in
+float32, and rounding it to float32 can give u = 1 and g = +inf), and a float64
+log makes every backend agree on the float32 key except, with a probability of
+order 1e-9, where the float64 value lies on a float32 rounding boundary.
 
 PyTorch has no unsigned 32-bit type with wrap-around multiplication, so the
 tensor version keeps every value in int64 in ``[0, 2**32)`` and multiplies by
@@ -31,6 +40,7 @@ __all__ = [
     "row_keys",
     "uniform",
     "gumbel",
+    "sampling_keys",
 ]
 
 
@@ -54,7 +64,7 @@ def hash_int(seed: int, row_id: int, item: int) -> int:
 
 
 def uniform_int(seed: int, row_id: int, item: int) -> float:
-    """The uniform number ``u`` of one triple, as a Python float (exact)."""
+    """The uniform number ``u`` of one triple, as a Python float (exact in float64)."""
     return ((hash_int(seed, row_id, item) >> 8) + 0.5) * 2.0**-24
 
 
@@ -82,13 +92,20 @@ def row_keys(seed: int, row_ids: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(seed: int, row_ids: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """u for items (B, X) of rows row_ids (B,): float32 in (0, 1)."""
+    """u for items (B, X) of rows row_ids (B,): float64 in (0, 1), exact."""
     k2 = row_keys(seed, row_ids).unsqueeze(-1)
     h = lowbias32(k2 ^ (items.to(torch.int64) & MASK32))
-    return ((h >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    return ((h >> 8).to(torch.float64) + 0.5) * (2.0**-24)
 
 
 def gumbel(seed: int, row_ids: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """g = -log(-log(u)) in float32 for items (B, X) of rows row_ids (B,)."""
+    """g = -log(-log(u)) in float64 for items (B, X) of rows row_ids (B,)."""
     u = uniform(seed, row_ids, items)
     return -torch.log(-torch.log(u))
+
+
+def sampling_keys(counts: torch.Tensor, T: float, seed: int, row_ids: torch.Tensor,
+                  items: torch.Tensor) -> torch.Tensor:
+    """float32(c / T + g): the Gumbel-top-L keys of pool items (B, X) with counts c."""
+    g = gumbel(seed, row_ids, items)
+    return (counts.to(torch.float64) / float(T) + g).to(torch.float32)

@@ -11,7 +11,8 @@ every backend implements, under the same names and signatures:
 ``fused_bwd``      the dense (B, N) gradient of ``fused_fwd``
 
 Arithmetic is float32 for float16 / bfloat16 / float32 inputs and float64 for
-float64 inputs (used by gradcheck). Sampling keys are always float32.
+float64 inputs (used by gradcheck). Sampling keys are float32, from float64
+Gumbel numbers (see :mod:`rcekd_kernels.rng`).
 """
 from __future__ import annotations
 
@@ -110,8 +111,7 @@ def select(s: Tensor, t: Optional[Tensor], teacher_topk: Optional[Tensor], exclu
     qt = ranked_topk(t, K, exclude) if teacher_topk is None else teacher_topk.clone()
     pos_t = _positions(pool, qt)  # (B, K): pool position, M when outside
     c = pool_counts(pos_t, K, M, mode)
-    g = rng.gumbel(seed, row_ids, pool)
-    key = c.to(torch.float32) / torch.tensor(T, dtype=torch.float32) + g
+    key = rng.sampling_keys(c, T, seed, row_ids, pool)
     # ties of the key go to the smaller item id: sort the pool by id first, then stably by key
     by_id, perm = torch.sort(pool, dim=1)
     order = torch.sort(key.gather(1, perm), dim=1, descending=True, stable=True).indices[:, :L]
