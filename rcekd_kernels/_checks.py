@@ -23,15 +23,16 @@ MAX_KM = 1 << 30  # far above anything sensible; kernels impose their own limit
 
 
 def _is_int(x) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)
+    # torch.SymInt: a seed that torch.compile traces as a dynamic value
+    return isinstance(x, (Integral, torch.SymInt)) and not isinstance(x, bool)
 
 
-def check_int(name: str, value, lo: int, hi: int, hi_name: Optional[str] = None) -> None:
+def check_int(name: str, value, lo: int, hi: int, rule: str) -> None:
+    """An int in [lo, hi]; ``rule`` states the constraint for the message."""
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not lo <= value <= hi:
-        upper = f"{hi_name} = {hi}" if hi_name else str(hi)
-        raise ValueError(f"{name} must satisfy {lo} <= {name} <= {upper}, got {name} = {value}")
+        raise ValueError(f"{name} must satisfy {rule}, got {name} = {value}")
 
 
 def check_real(name: str, value, *, positive: bool) -> None:
@@ -50,15 +51,14 @@ def check_choice(name: str, value, choices) -> None:
 def check_hparams(*, K=None, M=None, L=None, N=None, tau=None, T=None, beta=None,
                   mode=None, seed=None, reduction=None) -> None:
     """Checks of the Python-valued hyperparameters (no tensor is read)."""
+    n = f", N = {N}" if N is not None else ""
     if K is not None:
-        check_int("K", K, 1, N if N is not None else MAX_KM, "N" if N is not None else None)
+        check_int("K", K, 1, N if N is not None else MAX_KM, f"1 <= K <= M <= N ({n[2:] or 'N unknown'})")
     if M is not None:
-        check_int("M", M, K if K is not None else 1, N if N is not None else MAX_KM,
-                  "N" if N is not None else None)
-        if K is not None and M < K:
-            raise ValueError(f"M must satisfy K <= M, got K = {K}, M = {M}")
+        lo = K if K is not None else 1
+        check_int("M", M, lo, N if N is not None else MAX_KM, f"K <= M <= N (K = {lo}{n})")
     if L is not None:
-        check_int("L", L, 1, M if M is not None else MAX_KM, "M" if M is not None else None)
+        check_int("L", L, 1, M if M is not None else MAX_KM, f"1 <= L <= M (M = {M})")
     if tau is not None:
         check_real("tau", tau, positive=True)
     if T is not None:

@@ -106,7 +106,7 @@ def rce_kd_loss(
     rows = _row_ids(row_ids, student_scores.shape[0] if student_scores.dim() else 0, student_scores.device)
     loss_rows, stats, _idx, _q2 = ops.fused_fwd(
         student_scores, teacher_scores, teacher_topk, exclude, rows, K, M, L, float(tau), float(T),
-        float(beta), mode, int(seed), name, bool(validate))
+        float(beta), mode, seed, name, bool(validate))
     loss = _reduce(loss_rows, reduction)
     if return_diagnostics:
         return loss, _diagnostics(stats, K)
@@ -205,7 +205,7 @@ def select(
     s = student_scores.detach()
     t = teacher_scores.detach() if isinstance(teacher_scores, Tensor) else teacher_scores
     qs, a, qt, q2, counts = ops.select(s, t, teacher_topk, exclude, rows, K, M, L, float(T), mode,
-                                       int(seed), name, bool(validate))
+                                       seed, name, bool(validate))
     gamma = reference.gamma_from_counts(counts, float(beta), K, mode)
     return Selection(qs, a, qt, q2, gamma, counts[:, 0], counts[:, 1])
 
@@ -254,7 +254,7 @@ class RCEKDFunction(torch.autograd.Function):
     def forward(ctx, s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed, backend,
                 validate):
         loss_rows, stats, idx, q2_mask = ops.fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L,
-                                                       float(tau), float(T), float(beta), mode, int(seed),
+                                                       float(tau), float(T), float(beta), mode, seed,
                                                        requested(backend), bool(validate))
         ctx.save_for_backward(s, t, idx, q2_mask, stats)
         ctx.hp = (K, L, float(tau), requested(backend))

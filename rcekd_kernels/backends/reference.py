@@ -53,7 +53,10 @@ def ranked_topk(x: Tensor, k: int, exclude: Optional[Tensor]) -> Tensor:
     above = x > thr
     at = x == thr
     need = k - above.sum(dim=1, keepdim=True)
-    take = above | (at & (torch.cumsum(at, dim=1) <= need))
+    if bool((at.sum(dim=1, keepdim=True) == need).all()):
+        take = above | at  # no row has more ties at its threshold than it needs
+    else:
+        take = above | (at & (torch.cumsum(at, dim=1) <= need))
     idx = take.nonzero()[:, 1].view(B, k)  # ascending item index within each row
     order = torch.sort(x.gather(1, idx), dim=1, descending=True, stable=True).indices
     return idx.gather(1, order)
