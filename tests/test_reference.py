@@ -431,3 +431,23 @@ def test_diagnostics_match_oracle():
     assert float(d["gamma"]) == pytest.approx(np.mean([w["gamma"] for w in want]), rel=1e-5)
     assert float(d["q1_frac"]) == pytest.approx(np.mean([w["n_q1"] for w in want]) / 5)
     assert float(d["qt_in_sampled_frac"]) == pytest.approx(np.mean([w["n_qt_a"] for w in want]) / 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("i", range(0, 240, 4))
+def test_reference_on_cuda_matches_oracle(i):
+    """The reference on CUDA tensors: same sets as the oracle, same loss and gradient."""
+    c = random_config(i)
+    want = oracle_rows(c)
+    s, t, excl, qt, rows = tensors(c)
+    cu = lambda x: None if x is None else x.detach().cuda()
+    s_cu = cu(s).requires_grad_()
+    sel = R.select(s_cu, cu(t), cu(qt), row_ids=cu(rows), exclude=cu(excl), backend="reference", **hp(c))
+    loss = R.rce_kd_loss(s_cu, cu(t), cu(qt), row_ids=cu(rows), exclude=cu(excl), tau=c["tau"], reduction="sum",
+                         backend="reference", **hp(c))
+    loss.backward()
+    for b, w in enumerate(want):
+        assert sel.student_topk[b].tolist() == w["QS"] and sel.sampled[b].tolist() == w["A"]
+    assert float(loss) == pytest.approx(sum(w["loss"] for w in want), rel=1e-5, abs=1e-6)
+    torch.testing.assert_close(s_cu.grad.cpu().double(), torch.tensor([w["grad"] for w in want], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
