@@ -2,6 +2,7 @@
 Distillation in recommender systems), exact and fast, on several backends."""
 from . import ops  # registers the torch.library custom ops  # noqa: F401
 from .backends import available_backends, describe as describe_backends
+from .backends.native import build_info
 from .functional import RCEKDFunction, Selection, rce_kd_loss, rce_kd_loss_gathered, select
 from .modules import RCEKDLoss
 
@@ -16,5 +17,6 @@ __all__ = [
     "RCEKDLoss",
     "available_backends",
     "describe_backends",
+    "build_info",
     "__version__",
 ]

@@ -1,0 +1,704 @@
+// CPU kernels of the RCE-KD ops.
+//
+// One row of the batch is one unit of work; rows run in parallel with
+// at::parallel_for. For each row:
+//   * the student's top-M pool and the teacher's top-K are selected with
+//     std::nth_element on 64-bit (128-bit for float64) composite keys
+//     (order-preserving bits of the score, then the inverted item id), so the
+//     order "score descending, item ascending" is one integer comparison; only
+//     the M (K) selected keys are then sorted, never the whole row;
+//   * excluded items get the smallest key, so they rank below every other item;
+//   * the positions of the teacher's items in the pool are found by binary
+//     search of their composite keys in the sorted pool;
+//   * the integer counts of both modes are suffix counts over the M positions;
+//   * the Gumbel keys float32(c/T + g) use the spec's counter-based RNG; u and
+//     g = -log(-log u) are float64, g computed with at::log on a (rows, M) buffer
+//     (the reference's torch.log), c/T and the sum in float64, rounded once;
+//   * top-L of the keys again by nth_element + sort of the L winners.
+// Arithmetic of the losses is float32 for float16/bfloat16/float32 inputs and
+// float64 for float64 inputs. No temporary of size B x N is made: inputs are
+// read through their strides, and the only (B, N) tensor is fused_bwd's output.
+#include "rcekd_cpu.h"
+
+#include "../checks.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/log.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <type_traits>
+#include <vector>
+
+namespace rcekd {
+namespace cpu {
+namespace {
+
+using u32 = uint32_t;
+using u64 = uint64_t;
+using u128 = unsigned __int128;
+
+constexpr int64_t kOfficialCap = 50;
+
+// ------------------------------------------------------------------ RNG (spec 4)
+inline u32 lowbias32(u32 x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline u32 row_key(int64_t seed, int64_t row_id) {
+  const u32 k1 = lowbias32(static_cast<u32>(static_cast<u64>(seed)) ^ 0x9E3779B9u);
+  return lowbias32(k1 ^ static_cast<u32>(static_cast<u64>(row_id)));
+}
+
+inline double uniform01(u32 k2, int64_t item) {
+  const u32 h = lowbias32(k2 ^ static_cast<u32>(static_cast<u64>(item)));
+  // exact in float64: ((h >> 8) + 0.5) * 2^-24
+  return (static_cast<double>(h >> 8) + 0.5) * 5.9604644775390625e-08;
+}
+
+// ------------------------------------------------------- order-preserving keys
+// Branch-free (the signs of scores are random: a branch would mispredict half the time).
+inline u32 ord32(float f) {
+  f = f + 0.0f;  // -0 -> +0: ties with +0
+  u32 u;
+  std::memcpy(&u, &f, 4);
+  return u ^ (static_cast<u32>(static_cast<int32_t>(u) >> 31) | 0x80000000u);
+}
+
+inline u64 ord64(double d) {
+  d = d + 0.0;
+  u64 u;
+  std::memcpy(&u, &d, 8);
+  return u ^ (static_cast<u64>(static_cast<int64_t>(u) >> 63) | (u64{1} << 63));
+}
+
+// Composite key of item j: larger means ranked higher (score desc, then id asc).
+// Excluded items get ord = 0, below every real score.
+template <typename S>
+struct Rank {  // float16 / bfloat16 / float32: compared as float32
+  using comp_t = u64;
+  static comp_t make(S v, int64_t j, bool excluded) {
+    const u64 o = ord32(static_cast<float>(v)) & (u64{0} - static_cast<u64>(!excluded));
+    return (o << 32) | static_cast<u64>(0xFFFFFFFFu - static_cast<u32>(j));
+  }
+  static int64_t item(comp_t c) { return static_cast<int64_t>(0xFFFFFFFFu - static_cast<u32>(c)); }
+};
+
+template <>
+struct Rank<double> {
+  using comp_t = u128;
+  static comp_t make(double v, int64_t j, bool excluded) {
+    const u64 o = ord64(v) & (u64{0} - static_cast<u64>(!excluded));
+    return (static_cast<u128>(o) << 64) | static_cast<u128>(~static_cast<u64>(j));
+  }
+  static int64_t item(comp_t c) { return static_cast<int64_t>(~static_cast<u64>(c)); }
+};
+
+// Per-thread buffers, reused across the rows of a thread.
+struct Scratch {
+  std::vector<u64> s64, t64, c64;       // composite keys of a row (student, teacher, candidates)
+  std::vector<u128> s128, t128, c128;  // the same for float64 scores
+  std::vector<u64> keys, work;   // Gumbel keys of the pool
+  std::vector<int32_t> mark;
+  template <typename C>
+  std::vector<C>& sbuf();
+  template <typename C>
+  std::vector<C>& tbuf();
+  template <typename C>
+  std::vector<C>& cbuf();
+};
+template <>
+std::vector<u64>& Scratch::sbuf<u64>() { return s64; }
+template <>
+std::vector<u128>& Scratch::sbuf<u128>() { return s128; }
+template <>
+std::vector<u64>& Scratch::tbuf<u64>() { return t64; }
+template <>
+std::vector<u64>& Scratch::cbuf<u64>() { return c64; }
+template <>
+std::vector<u128>& Scratch::cbuf<u128>() { return c128; }
+template <>
+std::vector<u128>& Scratch::tbuf<u128>() { return t128; }
+
+// A strided (B, N) view of a score tensor.
+struct Dense {
+  const void* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t s0 = 0, s1 = 0;
+};
+
+inline Dense dense_of(const Tensor& x) {
+  Dense d;
+  d.data = x.data_ptr();
+  d.dtype = x.scalar_type();
+  d.s0 = x.stride(0);
+  d.s1 = x.stride(1);
+  return d;
+}
+
+template <typename F>
+void dispatch_float(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "rcekd: unsupported score dtype ", st);
+  }
+}
+
+// The first k items of one row in ranking order, as sorted composite keys in buf[0, k).
+//
+// When k is small against N, a threshold estimated from an even sample of the keys
+// first drops most of the row: if at least k keys are >= the estimate, the top k of
+// the row are all among them (exact, keys are unique), and only those few are
+// partitioned; else the whole row is (rare: the estimate keeps ~1.5 k + 16 N / 1024).
+template <typename S>
+void ranked_topk_row(const S* x, int64_t sx, const bool* ex, int64_t sex, int64_t N, int64_t k,
+                     std::vector<typename Rank<S>::comp_t>& buf, std::vector<typename Rank<S>::comp_t>& cand) {
+  using C = typename Rank<S>::comp_t;
+  buf.resize(N);
+  C* b = buf.data();
+  if (ex == nullptr) {
+    for (int64_t j = 0; j < N; ++j) b[j] = Rank<S>::make(x[j * sx], j, false);
+  } else {
+    for (int64_t j = 0; j < N; ++j) b[j] = Rank<S>::make(x[j * sx], j, ex[j * sex]);
+  }
+  constexpr int64_t kSample = 1024;
+  if (N >= 4 * kSample && k * 8 <= N) {
+    const int64_t step = N / kSample;
+    cand.resize(kSample);
+    for (int64_t i = 0; i < kSample; ++i) cand[i] = b[i * step];
+    const int64_t r = std::min<int64_t>(kSample - 1, (k * kSample) / N * 3 / 2 + 16);
+    std::nth_element(cand.begin(), cand.begin() + r, cand.end(), std::greater<C>());
+    const C tau = cand[r];
+    cand.clear();
+    for (int64_t j = 0; j < N; ++j)
+      if (b[j] >= tau) cand.push_back(b[j]);
+    if (static_cast<int64_t>(cand.size()) >= k) {
+      if (static_cast<int64_t>(cand.size()) > k)
+        std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), std::greater<C>());
+      std::sort(cand.begin(), cand.begin() + k, std::greater<C>());
+      std::copy(cand.begin(), cand.begin() + k, b);
+      return;
+    }
+  }
+  if (k < N) std::nth_element(b, b + (k - 1), b + N, std::greater<C>());
+  std::sort(b, b + k, std::greater<C>());
+}
+
+// Everything a selection needs, shared by select and fused_fwd.
+struct SelCtx {
+  int64_t B = 0, N = 0, K = 0, M = 0, L = 0;
+  bool paper = true;
+  double T = 10.0;
+  int64_t seed = 0;
+  Dense s, t;
+  bool has_t = false;
+  const bool* ex = nullptr;
+  int64_t ex0 = 0, ex1 = 0;
+  const int64_t* given_qt = nullptr;  // contiguous (B, K) or null
+  const int64_t* row_ids = nullptr;   // contiguous (B,)
+  // outputs (contiguous)
+  int64_t* qs = nullptr;       // (B, K), row stride qs_stride
+  int64_t* sampled = nullptr;  // (B, L), row stride a_stride
+  int64_t* qt = nullptr;       // (B, K), row stride qt_stride
+  int64_t qs_stride = 0, a_stride = 0, qt_stride = 0;
+  bool* q2 = nullptr;          // (B, K)
+  int64_t* counts = nullptr;   // (B, 2)
+  // chunk buffers (rows c0 .. c0 + rows)
+  int64_t c0 = 0;
+  int64_t* pool = nullptr;    // (rows, M)
+  int32_t* pos_t = nullptr;   // (rows, K)
+  double* cf = nullptr;       // (rows, M): c / T
+  double* g = nullptr;        // (rows, M): u, then the Gumbel numbers (float64, as the spec's RNG)
+};
+
+// Phase A of one row: pool, teacher top-K, positions, counts, uniforms.
+template <typename S>
+void select_phase_a_row(const SelCtx& c, int64_t r, Scratch& sc) {
+  using R = Rank<S>;
+  using C = typename R::comp_t;
+  const int64_t N = c.N, K = c.K, M = c.M;
+  const int64_t rr = r - c.c0;
+  const S* srow = static_cast<const S*>(c.s.data) + r * c.s.s0;
+  const bool* exrow = c.ex ? c.ex + r * c.ex0 : nullptr;
+  std::vector<C>& buf = sc.sbuf<C>();
+  ranked_topk_row<S>(srow, c.s.s1, exrow, c.ex1, N, M, buf, sc.cbuf<C>());
+  int64_t* pool = c.pool + rr * M;
+  for (int64_t p = 0; p < M; ++p) pool[p] = R::item(buf[p]);
+
+  int64_t* qt = c.qt + r * c.qt_stride;
+  if (c.given_qt != nullptr) {
+    const int64_t* g = c.given_qt + r * K;
+    for (int64_t i = 0; i < K; ++i) {
+      TORCH_CHECK(g[i] >= 0 && g[i] < N, "teacher_topk ids must lie in [0, N) = [0, ", N, "), got ", g[i],
+                  " in row ", r);
+      qt[i] = g[i];
+    }
+  } else {
+    dispatch_float(c.t.dtype, [&](auto tag) {
+      using TT = decltype(tag);
+      using RT = Rank<TT>;
+      std::vector<typename RT::comp_t>& tb = sc.tbuf<typename RT::comp_t>();
+      ranked_topk_row<TT>(static_cast<const TT*>(c.t.data) + r * c.t.s0, c.t.s1, exrow, c.ex1, N, K, tb,
+                          sc.cbuf<typename RT::comp_t>());
+      for (int64_t i = 0; i < K; ++i) qt[i] = RT::item(tb[i]);
+    });
+  }
+
+  // pool positions of the teacher's items
+  int32_t* pos = c.pos_t + rr * K;
+  const C* b = buf.data();
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t j = qt[i];
+    const C cj = R::make(srow[j * c.s.s1], j, exrow ? exrow[j * c.ex1] : false);
+    const C* it = std::lower_bound(b, b + M, cj, std::greater<C>());
+    pos[i] = (it != b + M && *it == cj) ? static_cast<int32_t>(it - b) : static_cast<int32_t>(M);
+  }
+
+  // integer counts of every pool position (spec 3)
+  std::vector<int32_t>& mark = sc.mark;
+  mark.assign(M, 0);
+  int64_t n_out = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t p = pos[i];
+    if (c.paper) {
+      if (p >= M) ++n_out;
+      else if (p >= K) mark[p] = 1;
+    } else if (p < M) {
+      mark[p] = 1;
+    }
+  }
+  double* cf = c.cf + rr * M;
+  double* u = c.g + rr * M;
+  const u32 k2 = row_key(c.seed, c.row_ids[r]);
+  int64_t run = 0;
+  for (int64_t p = M - 1; p >= 0; --p) {
+    int64_t cnt;
+    if (c.paper) {
+      cnt = n_out + run;  // Q2 items strictly below p
+      run += mark[p];
+    } else {
+      run += mark[p];  // QT items in the pool at p or below
+      cnt = std::min<int64_t>(kOfficialCap, run);
+    }
+    cf[p] = static_cast<double>(cnt) / c.T;
+    u[p] = uniform01(k2, pool[p]);
+  }
+}
+
+// Phase C of one row: Gumbel top-L, membership, q2_mask, counts.
+void select_phase_c_row(const SelCtx& c, int64_t r, Scratch& sc) {
+  const int64_t K = c.K, M = c.M, L = c.L;
+  const int64_t rr = r - c.c0;
+  const int64_t* pool = c.pool + rr * M;
+  const double* cf = c.cf + rr * M;
+  const double* g = c.g + rr * M;
+  std::vector<u64>& keys = sc.keys;
+  std::vector<u64>& work = sc.work;
+  keys.resize(M);
+  work.resize(M);
+  for (int64_t p = 0; p < M; ++p) {
+    const float key = static_cast<float>(cf[p] + g[p]);  // float32(c / T + g), sum in float64
+    keys[p] = (static_cast<u64>(ord32(key)) << 32) | static_cast<u64>(0xFFFFFFFFu - static_cast<u32>(pool[p]));
+  }
+  std::copy(keys.begin(), keys.end(), work.begin());
+  if (L < M) std::nth_element(work.begin(), work.begin() + (L - 1), work.end(), std::greater<u64>());
+  std::sort(work.begin(), work.begin() + L, std::greater<u64>());
+  const u64 thr = work[L - 1];  // the L-th largest key
+  int64_t* qs = c.qs + r * c.qs_stride;
+  int64_t* a = c.sampled + r * c.a_stride;
+  for (int64_t i = 0; i < K; ++i) qs[i] = pool[i];
+  for (int64_t l = 0; l < L; ++l) a[l] = static_cast<int64_t>(0xFFFFFFFFu - static_cast<u32>(work[l]));
+  const int32_t* pos = c.pos_t + rr * K;
+  bool* q2 = c.q2 + r * K;
+  int64_t n_q1 = 0, n_qa = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    const int64_t p = pos[i];
+    const bool in_a = p < M && keys[p] >= thr;
+    q2[i] = p >= K && !in_a;
+    n_q1 += p < K;
+    n_qa += in_a;
+  }
+  c.counts[2 * r] = n_q1;
+  c.counts[2 * r + 1] = n_qa;
+}
+
+// Runs the selection of all rows, in chunks of rows that bound the (rows, M) buffers.
+// `after_row(r, scratch)` runs at the end of phase C of row r (the fused loss).
+template <typename AfterRow>
+void run_selection(SelCtx& c, AfterRow&& after_row) {
+  const int64_t B = c.B, M = c.M, K = c.K;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(B, (int64_t{1} << 20) / M));
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  Tensor pool = at::empty({chunk, M}, i64);
+  Tensor pos = at::empty({chunk, K}, at::TensorOptions().dtype(at::kInt));
+  Tensor cf = at::empty({chunk, M}, at::TensorOptions().dtype(at::kDouble));
+  Tensor gum = at::empty({chunk, M}, at::TensorOptions().dtype(at::kDouble));
+  c.pool = pool.data_ptr<int64_t>();
+  c.pos_t = pos.data_ptr<int32_t>();
+  c.cf = cf.data_ptr<double>();
+  c.g = gum.data_ptr<double>();
+  for (int64_t c0 = 0; c0 < B; c0 += chunk) {
+    const int64_t c1 = std::min(B, c0 + chunk);
+    c.c0 = c0;
+    dispatch_float(c.s.dtype, [&](auto tag) {
+      using S = decltype(tag);
+      at::parallel_for(c0, c1, 1, [&](int64_t r0, int64_t r1) {
+        Scratch sc;
+        for (int64_t r = r0; r < r1; ++r) select_phase_a_row<S>(c, r, sc);
+      });
+    });
+    // g = -log(-log(u)) with torch's own log (bit-identical to the reference)
+    Tensor gv = gum.narrow(0, 0, c1 - c0);
+    gv.log_();
+    gv.neg_();
+    gv.log_();
+    gv.neg_();
+    at::parallel_for(c0, c1, 1, [&](int64_t r0, int64_t r1) {
+      Scratch sc;
+      for (int64_t r = r0; r < r1; ++r) {
+        select_phase_c_row(c, r, sc);
+        after_row(r, sc);
+      }
+    });
+  }
+}
+
+void fill_ctx(SelCtx& c, const Tensor& s, const std::optional<Tensor>& t, const Tensor& given_qt,
+              const std::optional<Tensor>& exclude, const Tensor& rows, int64_t K, int64_t M, int64_t L, double T,
+              std::string_view mode, int64_t seed) {
+  c.B = s.size(0);
+  c.N = s.size(1);
+  c.K = K;
+  c.M = M;
+  c.L = L;
+  c.paper = mode == "paper";
+  c.T = T;
+  c.seed = seed;
+  c.s = dense_of(s);
+  if (t.has_value()) {
+    c.t = dense_of(*t);
+    c.has_t = true;
+  }
+  if (exclude.has_value()) {
+    c.ex = exclude->data_ptr<bool>();
+    c.ex0 = exclude->stride(0);
+    c.ex1 = exclude->stride(1);
+  }
+  c.given_qt = given_qt.defined() ? given_qt.data_ptr<int64_t>() : nullptr;
+  c.row_ids = rows.data_ptr<int64_t>();
+}
+
+// ------------------------------------------------------------------ the losses
+// out[w] = score(row r, item idx[w]) / tau, in the compute dtype A.
+template <typename A>
+void gather_row(const Dense& d, int64_t r, const int64_t* idx, int64_t W, A tau, A* out) {
+  dispatch_float(d.dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* row = static_cast<const S*>(d.data) + r * d.s0;
+    for (int64_t w = 0; w < W; ++w) out[w] = static_cast<A>(row[idx[w] * d.s1]) / tau;
+  });
+}
+
+// Softmax statistics of a set: max and sum of exp(v - max) over the members.
+template <typename A>
+struct SoftStats {
+  A mx, sum;
+};
+
+template <typename A, typename Member>
+SoftStats<A> soft_stats(const A* v, int64_t n, Member member) {
+  A mx = -std::numeric_limits<A>::infinity();
+  for (int64_t i = 0; i < n; ++i)
+    if (member(i)) mx = std::max(mx, v[i]);
+  A sum = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (member(i)) sum += std::exp(v[i] - mx);
+  return {mx, sum};
+}
+
+// Cross-entropy -sum softmax(y) * log_softmax(x) over the members.
+template <typename A, typename Member>
+A set_ce(const A* x, const A* y, int64_t n, Member member) {
+  const SoftStats<A> sx = soft_stats<A>(x, n, member);
+  const SoftStats<A> sy = soft_stats<A>(y, n, member);
+  const A lsx = std::log(sx.sum);
+  A acc = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (member(i)) acc += std::exp(y[i] - sy.mx) * ((x[i] - sx.mx) - lsx);
+  return -acc / sy.sum;
+}
+
+// (L1, L2) of one row from x, y = scores / tau at [QS (K) | A (L) | QT (K)].
+template <typename A>
+std::pair<A, A> row_losses(const A* x, const A* y, const bool* q2, int64_t K, int64_t L) {
+  const A l1 = set_ce<A>(x, y, K, [](int64_t) { return true; });
+  const A l2 = set_ce<A>(x + K, y + K, L + K, [&](int64_t i) { return i < L || q2[i - L]; });
+  return {l1, l2};
+}
+
+// d loss_row / d x at the W positions, times w = grad_row / tau.
+template <typename A>
+void row_grads(const A* x, const A* y, const bool* q2, int64_t K, int64_t L, A gamma, A w, A* d) {
+  auto all = [](int64_t) { return true; };
+  auto in_u = [&](int64_t i) { return i < L || q2[i - L]; };
+  const SoftStats<A> s1x = soft_stats<A>(x, K, all), s1y = soft_stats<A>(y, K, all);
+  const A f1 = (1 - gamma) * w;
+  for (int64_t i = 0; i < K; ++i)
+    d[i] = (std::exp(x[i] - s1x.mx) / s1x.sum - std::exp(y[i] - s1y.mx) / s1y.sum) * f1;
+  const A* xu = x + K;
+  const A* yu = y + K;
+  const SoftStats<A> s2x = soft_stats<A>(xu, L + K, in_u), s2y = soft_stats<A>(yu, L + K, in_u);
+  const A f2 = gamma * w;
+  for (int64_t i = 0; i < L + K; ++i)
+    d[K + i] = in_u(i) ? (std::exp(xu[i] - s2x.mx) / s2x.sum - std::exp(yu[i] - s2y.mx) / s2y.sum) * f2 : A(0);
+}
+
+at::ScalarType acc_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+template <typename F>
+void dispatch_acc(at::ScalarType st, F&& f) {
+  if (st == at::kDouble) f(double{});
+  else f(float{});
+}
+
+// Per-row scalars (grad_rows, gamma) as compute dtype, contiguous (B values, small).
+Tensor small_as(const Tensor& x, at::ScalarType st) { return x.to(st).contiguous(); }
+
+}  // namespace
+
+// ======================================================================== ops
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> select(
+    const Tensor& s, const std::optional<Tensor>& t, const std::optional<Tensor>& teacher_topk,
+    const std::optional<Tensor>& exclude, const Tensor& row_ids, int64_t K, int64_t M, int64_t L, double T,
+    std::string_view mode, int64_t seed) {
+  check_dense_args(s, t, teacher_topk, exclude, row_ids, K, M, L, mode);
+  const int64_t B = s.size(0);
+  const auto i64 = s.options().dtype(at::kLong);
+  Tensor qs = at::empty({B, K}, i64), a = at::empty({B, L}, i64), qt = at::empty({B, K}, i64);
+  Tensor q2 = at::empty({B, K}, s.options().dtype(at::kBool));
+  Tensor counts = at::empty({B, 2}, i64);
+  if (B == 0) return {qs, a, qt, q2, counts};
+  Tensor given = teacher_topk.has_value() ? teacher_topk->contiguous() : Tensor();
+  Tensor rows = row_ids.to(at::kLong).contiguous();
+  SelCtx c;
+  fill_ctx(c, s, t, given, exclude, rows, K, M, L, T, mode, seed);
+  c.qs = qs.data_ptr<int64_t>();
+  c.sampled = a.data_ptr<int64_t>();
+  c.qt = qt.data_ptr<int64_t>();
+  c.qs_stride = K;
+  c.a_stride = L;
+  c.qt_stride = K;
+  c.q2 = q2.data_ptr<bool>();
+  c.counts = counts.data_ptr<int64_t>();
+  run_selection(c, [](int64_t, Scratch&) {});
+  return {qs, a, qt, q2, counts};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_fwd(
+    const Tensor& s, const Tensor& t, const std::optional<Tensor>& teacher_topk,
+    const std::optional<Tensor>& exclude, const Tensor& row_ids, int64_t K, int64_t M, int64_t L, double tau,
+    double T, double beta, std::string_view mode, int64_t seed) {
+  check_dense_args(s, t, teacher_topk, exclude, row_ids, K, M, L, mode);
+  const int64_t B = s.size(0);
+  const int64_t W = 2 * K + L;
+  const at::ScalarType acc = acc_dtype(s);
+  Tensor loss = at::empty({B}, s.options().dtype(acc));
+  Tensor stats = at::empty({B, 5}, s.options().dtype(at::kFloat));
+  Tensor idx = at::empty({B, W}, s.options().dtype(at::kLong));
+  Tensor q2 = at::empty({B, K}, s.options().dtype(at::kBool));
+  if (B == 0) return {loss, stats, idx, q2};
+  Tensor counts = at::empty({B, 2}, s.options().dtype(at::kLong));
+  Tensor given = teacher_topk.has_value() ? teacher_topk->contiguous() : Tensor();
+  Tensor rows = row_ids.to(at::kLong).contiguous();
+  SelCtx c;
+  fill_ctx(c, s, std::optional<Tensor>(t), given, exclude, rows, K, M, L, T, mode, seed);
+  int64_t* ip = idx.data_ptr<int64_t>();
+  c.qs = ip;
+  c.sampled = ip + K;
+  c.qt = ip + K + L;
+  c.qs_stride = c.a_stride = c.qt_stride = W;
+  c.q2 = q2.data_ptr<bool>();
+  c.counts = counts.data_ptr<int64_t>();
+  float* st = stats.data_ptr<float>();
+  const Dense ds = c.s, dt = c.t;
+  Tensor parts = at::empty({B, 2}, s.options().dtype(acc));
+  dispatch_acc(acc, [&](auto tag) {
+    using A = decltype(tag);
+    A* pp = parts.data_ptr<A>();
+    const A tau_a = static_cast<A>(tau);
+    run_selection(c, [&](int64_t r, Scratch&) {
+      thread_local std::vector<A> x, y;
+      x.resize(W);
+      y.resize(W);
+      const int64_t* ir = ip + r * W;
+      gather_row<A>(ds, r, ir, W, tau_a, x.data());
+      gather_row<A>(dt, r, ir, W, tau_a, y.data());
+      const auto pr = row_losses<A>(x.data(), y.data(), c.q2 + r * K, K, L);
+      pp[2 * r] = pr.first;
+      pp[2 * r + 1] = pr.second;
+    });
+  });
+  // gamma = exp(-(beta * n) / K) in float32 with torch's own exp, as the reference
+  Tensor n = counts.select(1, c.paper ? 0 : 1).to(at::kFloat);
+  Tensor gamma = n.mul(beta).neg().div(K).exp().contiguous();
+  const float* gp = gamma.data_ptr<float>();
+  const int64_t* cp = c.counts;
+  dispatch_acc(acc, [&](auto tag) {
+    using A = decltype(tag);
+    const A* pp = parts.data_ptr<A>();
+    A* lp = loss.data_ptr<A>();
+    for (int64_t r = 0; r < B; ++r) {
+      const A g = static_cast<A>(gp[r]);
+      lp[r] = (1 - g) * pp[2 * r] + g * pp[2 * r + 1];
+      float* sr = st + 5 * r;
+      sr[0] = static_cast<float>(pp[2 * r]);
+      sr[1] = static_cast<float>(pp[2 * r + 1]);
+      sr[2] = gp[r];
+      sr[3] = static_cast<float>(cp[2 * r]);
+      sr[4] = static_cast<float>(cp[2 * r + 1]);
+    }
+  });
+  return {loss, stats, idx, q2};
+}
+
+std::tuple<Tensor, Tensor> subset_ce_fwd(const Tensor& s_g, const Tensor& t_g, const Tensor& q2_mask,
+                                         const Tensor& gamma, int64_t K, int64_t L, double tau) {
+  check_gathered_args(s_g, t_g, q2_mask, gamma, K, L);
+  const int64_t B = s_g.size(0), W = s_g.size(1);
+  const at::ScalarType acc = acc_dtype(s_g);
+  Tensor loss = at::empty({B}, s_g.options().dtype(acc));
+  Tensor parts = at::empty({B, 2}, s_g.options().dtype(acc));
+  if (B == 0) return {loss, parts};
+  Tensor xs = s_g.to(acc).contiguous(), ys = t_g.to(acc).contiguous();
+  Tensor q2 = q2_mask.contiguous();
+  Tensor gm = small_as(gamma, acc);
+  dispatch_acc(acc, [&](auto tag) {
+    using A = decltype(tag);
+    const A* xp = xs.data_ptr<A>();
+    const A* yp = ys.data_ptr<A>();
+    const bool* qp = q2.data_ptr<bool>();
+    const A* gp = gm.data_ptr<A>();
+    A* lp = loss.data_ptr<A>();
+    A* pp = parts.data_ptr<A>();
+    const A tau_a = static_cast<A>(tau);
+    at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<A> x(W), y(W);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t w = 0; w < W; ++w) {
+          x[w] = xp[r * W + w] / tau_a;
+          y[w] = yp[r * W + w] / tau_a;
+        }
+        const auto pr = row_losses<A>(x.data(), y.data(), qp + r * K, K, L);
+        const A g = gp[r];
+        lp[r] = (1 - g) * pr.first + g * pr.second;
+        pp[2 * r] = pr.first;
+        pp[2 * r + 1] = pr.second;
+      }
+    });
+  });
+  return {loss, parts};
+}
+
+Tensor subset_ce_bwd(const Tensor& grad_rows, const Tensor& s_g, const Tensor& t_g, const Tensor& q2_mask,
+                     const Tensor& gamma, int64_t K, int64_t L, double tau) {
+  check_gathered_args(s_g, t_g, q2_mask, gamma, K, L);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == s_g.size(0), "grad_rows must have shape (B,)");
+  const int64_t B = s_g.size(0), W = s_g.size(1);
+  const at::ScalarType acc = acc_dtype(s_g);
+  Tensor out = at::empty({B, W}, s_g.options().dtype(acc));
+  if (B == 0) return out;
+  Tensor xs = s_g.to(acc).contiguous(), ys = t_g.to(acc).contiguous();
+  Tensor q2 = q2_mask.contiguous();
+  Tensor gm = small_as(gamma, acc), gr = small_as(grad_rows, acc);
+  dispatch_acc(acc, [&](auto tag) {
+    using A = decltype(tag);
+    const A* xp = xs.data_ptr<A>();
+    const A* yp = ys.data_ptr<A>();
+    const bool* qp = q2.data_ptr<bool>();
+    const A* gp = gm.data_ptr<A>();
+    const A* wp = gr.data_ptr<A>();
+    A* op = out.data_ptr<A>();
+    const A tau_a = static_cast<A>(tau);
+    at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<A> x(W), y(W);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t w = 0; w < W; ++w) {
+          x[w] = xp[r * W + w] / tau_a;
+          y[w] = yp[r * W + w] / tau_a;
+        }
+        row_grads<A>(x.data(), y.data(), qp + r * K, K, L, gp[r], wp[r] / tau_a, op + r * W);
+      }
+    });
+  });
+  return out;
+}
+
+Tensor fused_bwd(const Tensor& grad_rows, const Tensor& s, const Tensor& t, const Tensor& idx, const Tensor& q2_mask,
+                 const Tensor& gamma, int64_t K, int64_t L, double tau) {
+  check_fused_bwd_args(grad_rows, s, t, idx, q2_mask, gamma, K, L);
+  const int64_t B = s.size(0), N = s.size(1), W = 2 * K + L;
+  Tensor out = at::empty({B, N}, s.options());  // the gradient: the only (B, N) tensor
+  if (B == 0) return out;
+  const at::ScalarType acc = acc_dtype(s);
+  Tensor ix = idx.contiguous(), q2 = q2_mask.contiguous();
+  Tensor gm = small_as(gamma, acc), gr = small_as(grad_rows, acc);
+  const Dense ds = dense_of(s), dt = dense_of(t);
+  dispatch_acc(acc, [&](auto atag) {
+    using A = decltype(atag);
+    const int64_t* ip = ix.data_ptr<int64_t>();
+    const bool* qp = q2.data_ptr<bool>();
+    const A* gp = gm.data_ptr<A>();
+    const A* wp = gr.data_ptr<A>();
+    const A tau_a = static_cast<A>(tau);
+    dispatch_float(s.scalar_type(), [&](auto otag) {
+      using O = decltype(otag);
+      O* op = out.data_ptr<O>();
+      at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
+        std::vector<A> x(W), y(W), d(W);
+        std::vector<u64> order;
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t* ir = ip + r * W;
+          for (int64_t w = 0; w < W; ++w)
+            TORCH_CHECK(ir[w] >= 0 && ir[w] < N, "idx must lie in [0, N) = [0, ", N, "), got ", ir[w]);
+          gather_row<A>(ds, r, ir, W, tau_a, x.data());
+          gather_row<A>(dt, r, ir, W, tau_a, y.data());
+          row_grads<A>(x.data(), y.data(), qp + r * K, K, L, gp[r], wp[r] / tau_a, d.data());
+          O* orow = op + r * N;
+          std::memset(static_cast<void*>(orow), 0, sizeof(O) * N);
+          // items that appear more than once (QS and A share items) add up in position
+          // order, as the reference's scatter_add into a zero row of the compute dtype
+          if constexpr (std::is_same_v<O, A>) {
+            for (int64_t w = 0; w < W; ++w) orow[ir[w]] += d[w];
+          } else {  // sum in the compute dtype, round once
+            order.resize(W);
+            for (int64_t w = 0; w < W; ++w) order[w] = (static_cast<u64>(ir[w]) << 32) | static_cast<u64>(w);
+            std::sort(order.begin(), order.end());
+            for (int64_t w = 0; w < W;) {
+              const u64 item = order[w] >> 32;
+              A sum = 0;
+              for (; w < W && (order[w] >> 32) == item; ++w) sum += d[order[w] & 0xFFFFFFFFu];
+              orow[item] = static_cast<O>(sum);
+            }
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace rcekd

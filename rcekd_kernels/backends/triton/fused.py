@@ -1,0 +1,101 @@
+"""The fused dense loss: ``fused_fwd`` (select + gather + subset CE from (B, N) rows)
+and ``fused_bwd`` (the dense (B, N) gradient).
+
+fused_fwd runs the selection of :mod:`.selection` with the loss computed in its
+per-row program (no B x N temporary).
+
+fused_bwd zero-fills the (B, N) output in s.dtype and scatters, one program per
+row, the pre-combined gradient at the 2K + L gathered ids: an item in both QS and
+A gets dL1 + dL2 (summed in float32, rounded once), QT columns outside U get
+nothing. Membership of A items in QS (and of QS items in A) is found by comparing
+the ids against tiles of the other list, so each output element is written by
+exactly one lane (no atomics, deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from . import _common as C
+from . import selection as _select
+from .subset_ce import ce_one, ce_two, soft_diff
+
+
+def fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed):
+    """Loss rows, stats (B, 5) = (L1, L2, gamma, |Q1|, |QT & A|), idx = [QS | A | QT]
+    (B, 2K + L) and q2_mask (B, K)."""
+    if not C.kernel_dtypes_ok(s, t):
+        return reference.fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed)
+    return _select.run(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed,
+                       fused=(float(tau), float(beta)))
+
+
+@triton.jit
+def _member(q, ids_ptr, n, stride, TILE: tl.constexpr):
+    """1 for each lane of q (int64 ids, -2 on masked lanes) found among the n ids at
+    ids_ptr[j * stride], else 0 (int32)."""
+    found = tl.zeros(q.shape, dtype=tl.int32)
+    for j0 in range(0, n, TILE):
+        jj = j0 + tl.arange(0, TILE)
+        tile = tl.load(ids_ptr + jj.to(tl.int64) * stride, mask=jj < n, other=-1)
+        hit = (q[:, None] == tile[None, :]).to(tl.int32)
+        found = tl.maximum(found, tl.max(hit, 1))
+    return found
+
+
+@triton.jit(do_not_specialize=["gr_s0", "s_s0", "s_s1", "t_s0", "t_s1", "i_s0", "i_s1", "q2_s0", "q2_s1",
+                              "gam_s0", "N", "K", "L"])
+def _fused_bwd_kernel(gr_ptr, gr_s0, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, idx_ptr, i_s0, i_s1,
+                      q2_ptr, q2_s0, q2_s1, gam_ptr, gam_s0, out_ptr, N, K, L, tau,
+                      BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr, TILE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lk = tl.arange(0, BLOCK_K)
+    ll = tl.arange(0, BLOCK_L)
+    kv = lk < K
+    lv = ll < L
+    irow = idx_ptr + row * i_s0
+    qs = tl.load(irow + lk.to(tl.int64) * i_s1, mask=kv, other=-2)
+    a = tl.load(irow + (K + ll).to(tl.int64) * i_s1, mask=lv, other=-2)
+    qt = tl.load(irow + (K + L + lk).to(tl.int64) * i_s1, mask=kv, other=-2)
+    mq = kv & (tl.load(q2_ptr + row * q2_s0 + lk * q2_s1, mask=kv, other=0) != 0)
+    s_row = s_ptr + row * s_s0
+    t_row = t_ptr + row * t_s0
+    xs = tl.load(s_row + qs * s_s1, mask=kv, other=0.0).to(tl.float32) / tau
+    ys = tl.load(t_row + qs * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
+    xa = tl.load(s_row + a * s_s1, mask=lv, other=0.0).to(tl.float32) / tau
+    ya = tl.load(t_row + a * t_s1, mask=lv, other=0.0).to(tl.float32) / tau
+    xq = tl.load(s_row + qt * s_s1, mask=mq, other=0.0).to(tl.float32) / tau
+    yq = tl.load(t_row + qt * t_s1, mask=mq, other=0.0).to(tl.float32) / tau
+    _l1, mx1, sx1, my1, sy1 = ce_one(xs, ys, kv)
+    _l2, mx2, sx2, my2, sy2 = ce_two(xa, ya, lv, xq, yq, mq)
+    gamma = tl.load(gam_ptr + row * gam_s0).to(tl.float32)
+    w = tl.load(gr_ptr + row * gr_s0).to(tl.float32) / tau
+    c1 = (1.0 - gamma) * w
+    c2 = gamma * w
+    a_in_qs = _member(a, irow, K, i_s1, TILE) != 0
+    qs_in_a = _member(qs, irow + K * i_s1, L, i_s1, TILE) != 0
+    d_qs = soft_diff(xs, ys, kv, mx1, sx1, my1, sy1, c1)
+    d_a = soft_diff(xa, ya, lv, mx2, sx2, my2, sy2, c2) + soft_diff(xa, ya, lv & a_in_qs, mx1, sx1, my1, sy1, c1)
+    d_qt = soft_diff(xq, yq, mq, mx2, sx2, my2, sy2, c2)
+    o_row = out_ptr + row * N
+    tl.store(o_row + qs, d_qs, mask=kv & (qs_in_a == 0))
+    tl.store(o_row + a, d_a, mask=lv)
+    tl.store(o_row + qt, d_qt, mask=mq)
+
+
+def fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, K, L, tau):
+    """Dense gradient (B, N) in the dtype of s: zero except at the gathered ids."""
+    if not C.kernel_dtypes_ok(s, t):
+        return reference.fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, K, L, tau)
+    C.check_limits(K, K, 0, L)
+    B, N = s.shape
+    out = torch.zeros((B, N), dtype=s.dtype, device=s.device)
+    q2 = C.as_u8(q2_mask)
+    BK, BL = C.block(K), C.block(L)
+    _fused_bwd_kernel[(B,)](
+        grad_rows, grad_rows.stride(0), s, s.stride(0), s.stride(1), t, t.stride(0), t.stride(1),
+        idx, idx.stride(0), idx.stride(1), q2, q2.stride(0), q2.stride(1), gamma, gamma.stride(0),
+        out, N, K, L, float(tau), BLOCK_K=BK, BLOCK_L=BL, TILE=32, num_warps=C.warps_for(2 * (BK + BL)))
+    return out
