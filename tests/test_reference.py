@@ -17,6 +17,12 @@ import oracle
 HERE = os.path.dirname(__file__)
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """These tests are about the reference: "auto" would pick a compiled backend."""
+    monkeypatch.setenv("RCEKD_BACKEND", "reference")
+
+
 # ------------------------------------------------------------------ random configurations
 def random_config(i):
     g = np.random.default_rng(1000 + i)

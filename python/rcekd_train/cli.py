@@ -1,8 +1,296 @@
-"""Command line of rcekd_train (placeholder until the drivers land)."""
+"""The ``rcekd`` command: train teachers and students, distill, evaluate, fetch data, run the demo."""
+from __future__ import annotations
+
 import argparse
+import json
+import os
+import sys
+import time
+
+EPILOG = """examples:
+  rcekd demo                                   # synthetic data: teacher, scratch student, RCE-KD student
+  rcekd download citeulike --data-dir DATA     # fetch + verify the public files (needs internet)
+  rcekd train-teacher --dataset citeulike --model mf --data-dir DATA --out runs/cul/teacher-mf
+  rcekd distill --dataset citeulike --student mf --kd none --data-dir DATA --out runs/cul/student-mf
+  rcekd distill --dataset citeulike --student mf --kd rcekd --teacher runs/cul/teacher-mf \\
+                --data-dir DATA --out runs/cul/rcekd-mf
+  rcekd evaluate --run runs/cul/rcekd-mf --data-dir DATA
+  rcekd collect runs/cul/teacher-mf runs/cul/student-mf runs/cul/rcekd-mf --out results/citeulike
+
+Settings come from the packaged YAML files (rcekd_train/configs/: defaults.yaml and one file per data
+set, with the authors' hyperparameters per backbone and teacher->student pair); any key can be
+overridden with --set key.sub=value (e.g. --set model.dim=64 --set kd.K=100 --set train.lr=1e-3).
+The data directory is --data-dir or $RCEKD_DATA (not needed for the synthetic data)."""
+
+
+def _common(p, student=False):
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", required=True, help="synthetic, citeulike, gowalla or yelp2018")
+    g.add_argument("--data-dir", default=None, help="folder holding citeulike/, gowalla/, yelp2018/ "
+                   "(default: $RCEKD_DATA)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output directory (default runs/<dataset>/<job>)")
+    g.add_argument("--config", default=None, help="a YAML file merged over the packaged config")
+    g.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (repeatable), e.g. --set model.dim=64")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
+    g.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run once per seed (in OUT/seed_<s>) and write summary.json/csv with mean and std")
+    g.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last "
+                   "complete epoch (same result as an uninterrupted run)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch)")
+    g.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time (resumable)")
+    g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    g = p.add_argument_group("training (override the config)")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--wd", type=float, default=None, help="Adam weight decay")
+    g.add_argument("--patience", type=int, default=None, help="early stopping patience (epochs)")
+    g.add_argument("--dim", type=int, default=None, help="embedding dimension of the model")
+    if student:
+        g = p.add_argument_group("distillation (override the config)")
+        g.add_argument("--lambda", dest="lam", type=float, default=None, help="weight of the KD loss")
+        g.add_argument("--K", type=int, default=None, help="teacher/student top-K size")
+        g.add_argument("--M", type=int, default=None, help="RCE-KD: student candidate pool size")
+        g.add_argument("--L", type=int, default=None, help="number of sampled items")
+        g.add_argument("--tau", type=float, default=None, help="logit temperature")
+        g.add_argument("--T", type=float, default=None, help="sampling temperature")
+        g.add_argument("--beta", type=float, default=None, help="RCE-KD: strength of the adaptive weight")
+        g.add_argument("--mode", choices=["paper", "official"], default=None, help="RCE-KD: paper equations or "
+                       "the authors' code")
+        g.add_argument("--refresh", choices=["epoch", "batch"], default=None,
+                       help="RCE-KD / CE: recompute the sets once per epoch (authors) or every batch")
+        g.add_argument("--reduction", choices=["sum", "mean"], default=None, help="KD loss over users")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="rcekd", description="Training drivers for RCE-KD (knowledge distillation "
+                                "for recommender systems): MF, LightGCN, HSTU; RCE-KD, CE, CD, RRD, DCD.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="synthetic data: teacher, scratch student and RCE-KD student, table",
+                       description="Trains on the built-in synthetic data (configs/synthetic.yaml) a teacher, a "
+                       "student from scratch and an RCE-KD student, and prints their test metrics.")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seeds", type=int, nargs="+", default=None, help="several seeds: mean and std")
+    d.add_argument("--device", default=None)
+    d.add_argument("--threads", type=int, default=None)
+    d.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of all three runs, e.g. --set train.epochs=5")
+    d.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("train-teacher", help="train a teacher; caches its top-K lists",
+                       description="Trains a teacher backbone with early stopping, saves its best weights and its "
+                       "top-K items per user (teacher_topk.pt) for distillation.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--model", required=True, choices=["mf", "lightgcn", "hstu"])
+    _common(t)
+
+    s = sub.add_parser("distill", help="train a student, from scratch (--kd none) or distilled from a teacher",
+                       description="Trains a student with base loss + lambda * KD loss. --kd none trains it from "
+                       "scratch (the student's own settings); other methods need --teacher.")
+    s.add_argument("--student", required=True, choices=["mf", "lightgcn", "hstu"])
+    s.add_argument("--kd", default="rcekd", choices=["none", "rcekd", "ce", "cd", "rrd", "dcd"])
+    s.add_argument("--teacher", default=None, help="teacher run directory (from train-teacher)")
+    _common(s, student=True)
+
+    e = sub.add_parser("evaluate", help="evaluate a trained run (its best weights)",
+                       description="Full-ranking Recall/NDCG of the best weights of a run directory.")
+    e.add_argument("--run", required=True, help="a run directory (with config.yaml and best_model.pt)")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--splits", nargs="+", default=["valid", "test"])
+    e.add_argument("--ks", type=int, nargs="+", default=[10, 20])
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", action="store_true", help="print JSON")
+
+    w = sub.add_parser("download", help="fetch the public data files and verify their sha256",
+                       description="Downloads CiteULike (users.dat, then writes split_811/), Gowalla and "
+                       "Yelp2018 (LightGCN files) into DATA_DIR/<name>/ and checks their sha256.")
+    w.add_argument("datasets", nargs="+", choices=["citeulike", "gowalla", "yelp2018"])
+    w.add_argument("--data-dir", default=None, help="target folder (default: $RCEKD_DATA)")
+    w.add_argument("--force", action="store_true", help="download even when a verified copy exists")
+    w.add_argument("--verify", action="store_true", help="only check the files already there")
+    c = sub.add_parser("collect", help="gather finished runs into a small results folder",
+                       description="Copies result.json, history.csv, curves.png and the config of finished runs "
+                       "into OUT/<run>/ and writes OUT/summary.{csv,json,md}; no checkpoints, no machine paths.")
+    c.add_argument("runs", nargs="+", help="run directories")
+    c.add_argument("--out", required=True, help="results folder, e.g. results/citeulike")
+    return p
+
+
+def _flags(a, student=False):
+    f = {"seed": a.seed, "device": a.device, "threads": a.threads, "data_dir": a.data_dir,
+         "train.epochs": a.epochs, "train.batch_size": a.batch_size, "train.lr": a.lr, "train.wd": a.wd,
+         "train.patience": a.patience, "model.dim": a.dim, "train.max_minutes": a.max_minutes,
+         "train.stop_after": a.stop_after}
+    if a.no_progress:
+        f["train.progress"] = False
+    if student:
+        f.update({"kd.lambda": a.lam, "kd.K": a.K, "kd.M": a.M, "kd.L": a.L, "kd.tau": a.tau, "kd.T": a.T,
+                  "kd.beta": a.beta, "kd.mode": a.mode, "kd.refresh": a.refresh, "kd.reduction": a.reduction})
+    return f
+
+
+def _user_config(path):
+    if not path:
+        return None
+    from .config import load_yaml
+    return load_yaml(path)
+
+
+def cmd_train_teacher(a):
+    from .config import resolve
+    from .runs import run_seeds
+    cfg = resolve(a.dataset, "teacher", a.model, user_config=_user_config(a.config), sets=a.sets, flags=_flags(a))
+    out = a.out or os.path.join("runs", cfg["dataset"], f"teacher-{a.model}")
+    res = run_seeds(cfg, out, a.seeds, a.resume)
+    print(json.dumps({k: res.get(k) for k in ("status", "best_epoch", "test") if k in res} if not a.seeds else
+                     res, indent=1))
+    return 0
+
+
+def cmd_distill(a):
+    from .config import load_yaml, resolve
+    from .runs import run_seeds
+    teacher_model = None
+    if a.kd != "none":
+        if not a.teacher:
+            raise SystemExit("rcekd distill: --kd %s needs --teacher RUN_DIR (train one with "
+                             "`rcekd train-teacher`)" % a.kd)
+        tcfg = os.path.join(a.teacher, "config.yaml")
+        if not os.path.exists(tcfg):
+            raise SystemExit(f"rcekd distill: {tcfg} not found (is --teacher a train-teacher output?)")
+        teacher_model = load_yaml(tcfg)["model"]["name"]
+    cfg = resolve(a.dataset, "student", a.student, kd_method=a.kd, teacher_model=teacher_model,
+                  user_config=_user_config(a.config), sets=a.sets, flags=_flags(a, student=True))
+    if a.kd != "none":
+        cfg["teacher_dir"] = a.teacher
+    name = f"student-{a.student}" if a.kd == "none" else f"{a.kd}-{teacher_model}-{a.student}"
+    out = a.out or os.path.join("runs", cfg["dataset"], name)
+    res = run_seeds(cfg, out, a.seeds, a.resume)
+    print(json.dumps({k: res.get(k) for k in ("status", "best_epoch", "test") if k in res} if not a.seeds else
+                     res, indent=1))
+    return 0
+
+
+def cmd_evaluate(a):
+    import torch
+    from .config import load_yaml
+    from .evaluate import evaluate_model
+    from .models import build_model
+    from .runs import get_data
+    from .trainer import model_hparams
+    cfg = load_yaml(os.path.join(a.run, "config.yaml"))
+    if a.data_dir:
+        cfg["data_dir"] = a.data_dir
+    data = get_data(cfg)
+    saved = torch.load(os.path.join(a.run, "best_model.pt"), map_location="cpu", weights_only=False)
+    model = build_model(cfg["model"]["name"], data, **model_hparams(cfg))
+    model.load_state_dict(saved["state"])
+    model.to(a.device or cfg.get("device") or "cpu")
+    res = evaluate_model(model, data, tuple(a.ks), tuple(a.splits))
+    if a.json:
+        print(json.dumps({"run": a.run, "epoch": saved.get("epoch"), **res}, indent=1))
+    else:
+        print(f"{a.run} (best epoch {saved.get('epoch')})")
+        for split, ms in res.items():
+            print(f"  {split:5s} " + "  ".join(f"{m} {v:.4f}" for m, v in ms.items()))
+    return 0
+
+
+def cmd_download(a):
+    from .data import resolve_data_dir
+    from .data.download import download, verify
+    root = resolve_data_dir(a.data_dir)
+    status = 0
+    for name in a.datasets:
+        if a.verify:
+            res = verify(name, root)
+            for f, s in res.items():
+                print(f"{name}/{f}: {s}")
+            status |= any(s != "ok" for s in res.values())
+        else:
+            download(name, root, force=a.force)
+    return int(status)
+
+
+def cmd_collect(a):
+    from .report import collect
+    rows = collect(a.runs, a.out)
+    print(f"collected {len(rows)} run(s) into {a.out}")
+    return 0 if rows else 1
+
+
+def cmd_demo(a):
+    from .config import resolve
+    from .runs import format_table, run_seeds
+    t_start = time.time()
+    flags = {"device": a.device, "threads": a.threads}
+    if a.no_progress:
+        flags["train.progress"] = False
+    seeds = a.seeds
+    base = {"seed": a.seed}
+    teacher = resolve("synthetic", "teacher", "mf", sets=a.sets, flags={**flags, **base})
+    scratch = resolve("synthetic", "student", "mf", kd_method="none", sets=a.sets, flags={**flags, **base})
+    rcekd = resolve("synthetic", "student", "mf", kd_method="rcekd", teacher_model="mf", sets=a.sets,
+                    flags={**flags, **base})
+    rows = []
+    if seeds:
+        # one teacher per seed, students distilled from the teacher of the same seed
+        import copy
+        per = {"teacher": [], "student (scratch)": [], "student (RCE-KD)": []}
+        for s in seeds:
+            out = os.path.join(a.out, f"seed_{s}")
+            for name, cfg, sub in (("teacher", teacher, "teacher"), ("student (scratch)", scratch, "scratch"),
+                                   ("student (RCE-KD)", rcekd, "rcekd")):
+                c = copy.deepcopy(cfg)
+                c["seed"] = s
+                if sub == "rcekd":
+                    c["teacher_dir"] = os.path.abspath(os.path.join(out, "teacher"))
+                per[name].append(run_seeds(c, os.path.join(out, sub), None))
+        from .runs import summarize
+        rows = [{"name": n, "result": summarize(r, seeds)} for n, r in per.items()]
+    else:
+        res_t = run_seeds(teacher, os.path.join(a.out, "teacher"), None)
+        res_s = run_seeds(scratch, os.path.join(a.out, "scratch"), None)
+        rcekd["teacher_dir"] = os.path.abspath(os.path.join(a.out, "teacher"))
+        res_k = run_seeds(rcekd, os.path.join(a.out, "rcekd"), None)
+        rows = [{"name": "teacher (MF dim %d)" % teacher["model"]["dim"], "result": res_t},
+                {"name": "student (MF dim %d, scratch)" % scratch["model"]["dim"], "result": res_s},
+                {"name": "student (MF dim %d, RCE-KD)" % rcekd["model"]["dim"], "result": res_k}]
+    table = format_table(rows)
+    print()
+    print(f"demo on synthetic data, test split (full ranking, train items masked); total {time.time() - t_start:.0f}s")
+    print(table)
+    with open(os.path.join(a.out, "demo_table.txt"), "w") as f:
+        f.write(table + "\n")
+    return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="rcekd", description="RCE-KD training drivers")
-    parser.parse_args(argv)
-    return 0
+    # OpenMP threads that spin while waiting are very slow on a busy machine; must be set before torch loads
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not a.command:
+        parser.print_help()
+        return 0
+    fn = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd_distill, "evaluate": cmd_evaluate,
+          "download": cmd_download, "collect": cmd_collect}[a.command]
+    try:
+        return fn(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rcekd {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; the last complete epoch is checkpointed: rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
