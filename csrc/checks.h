@@ -6,24 +6,43 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 
 namespace rcekd {
 
 using at::Tensor;
 
+// Error messages are built with std::to_string, not c10::str: c10::str formats numbers
+// through a std::ostringstream instantiated in this library, and that crashed (a
+// segmentation fault in ostream::_M_insert<long>) in the GPU image's build (gcc 13.3,
+// torch 2.11). A single std::string argument makes TORCH_CHECK skip the ostream.
+namespace detail {
+inline void put(std::string& o, const char* v) { o += v; }
+inline void put(std::string& o, const std::string& v) { o += v; }
+inline void put(std::string& o, int64_t v) { o += std::to_string(v); }
+inline void put(std::string& o, int v) { o += std::to_string(v); }
+}  // namespace detail
+
+template <typename... A>
+std::string msg(const A&... a) {
+  std::string o;
+  (detail::put(o, a), ...);
+  return o;
+}
+
 constexpr int64_t kMaxN = (int64_t{1} << 31) - 1;  // item ids fit 32-bit key fields
 
 inline void check_dense_args(const Tensor& s, const std::optional<Tensor>& t, const std::optional<Tensor>& teacher_topk,
                       const std::optional<Tensor>& exclude, const Tensor& row_ids, int64_t K, int64_t M, int64_t L,
                       std::string_view mode) {
-  TORCH_CHECK(s.dim() == 2, "student_scores must be 2-D (B, N), got ", s.dim(), "-D");
+  TORCH_CHECK(s.dim() == 2, msg("student_scores must be 2-D (B, N), got ", s.dim(), "-D"));
   TORCH_CHECK(s.is_floating_point(), "student_scores must have a floating dtype");
   const int64_t B = s.size(0), N = s.size(1);
-  TORCH_CHECK(N <= kMaxN, "rcekd compiled backends: N must be below 2^31, got ", N);
-  TORCH_CHECK(1 <= K && K <= M && M <= N, "K, M must satisfy 1 <= K <= M <= N, got K = ", K, ", M = ", M,
-              ", N = ", N);
-  TORCH_CHECK(1 <= L && L <= M, "L must satisfy 1 <= L <= M, got L = ", L);
+  TORCH_CHECK(N <= kMaxN, msg("rcekd compiled backends: N must be below 2^31, got ", N));
+  TORCH_CHECK(1 <= K && K <= M && M <= N,
+              msg("K, M must satisfy 1 <= K <= M <= N, got K = ", K, ", M = ", M, ", N = ", N));
+  TORCH_CHECK(1 <= L && L <= M, msg("L must satisfy 1 <= L <= M, got L = ", L));
   TORCH_CHECK(mode == "paper" || mode == "official", "mode must be 'paper' or 'official'");
   if (t.has_value()) {
     TORCH_CHECK(t->sizes() == s.sizes(), "teacher_scores must have the shape of student_scores");
@@ -62,7 +81,7 @@ inline void check_fused_bwd_args(const Tensor& grad_rows, const Tensor& s, const
   TORCH_CHECK(s.dim() == 2 && s.is_floating_point(), "student_scores must be a 2-D float tensor");
   TORCH_CHECK(t.sizes() == s.sizes() && t.is_floating_point(), "teacher_scores must match student_scores");
   const int64_t B = s.size(0), N = s.size(1), W = 2 * K + L;
-  TORCH_CHECK(N <= kMaxN, "rcekd compiled backends: N must be below 2^31, got ", N);
+  TORCH_CHECK(N <= kMaxN, msg("rcekd compiled backends: N must be below 2^31, got ", N));
   TORCH_CHECK(K >= 1 && L >= 1, "K and L must be >= 1");
   TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 2 && idx.size(0) == B && idx.size(1) == W,
               "idx must be int64 of shape (B, 2K + L)");

@@ -24,7 +24,7 @@ int dtype_code(at::ScalarType st) {
     case at::kBFloat16: return kBF16;
     case at::kFloat: return kF32;
     case at::kDouble: return kF64;
-    default: TORCH_CHECK(false, "rcekd cuda: unsupported score dtype ", st);
+    default: TORCH_CHECK(false, msg("rcekd cuda: unsupported score dtype ", c10::toString(st)));
   }
   return kF32;
 }
@@ -49,7 +49,7 @@ Mask mask_of(const std::optional<Tensor>& m) {
 }
 
 void check_cuda(cudaError_t e, const char* what) {
-  TORCH_CHECK(e == cudaSuccess, "rcekd cuda: ", what, " failed: ", cudaGetErrorString(e));
+  TORCH_CHECK(e == cudaSuccess, msg("rcekd cuda: ", what, " failed: ", cudaGetErrorString(e)));
 }
 
 void check_on_cuda(const Tensor& s) { TORCH_CHECK(s.is_cuda(), "rcekd cuda backend: tensors must be on a CUDA device"); }

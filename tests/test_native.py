@@ -390,6 +390,31 @@ def test_cuda_sources_compile_with_nvcc(cu, tmp_path):
     assert "warning" not in (r.stdout + r.stderr).lower(), r.stdout + r.stderr
 
 
+@pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC or "") or shutil.which("g++") is None,
+                    reason="nvcc or g++ not found")
+@pytest.mark.parametrize("cpp", [p for p in _sources("cuda") if p.endswith(".cpp")] or ["none"])
+def test_cuda_bindings_syntax(cpp, tmp_path):
+    """The CUDA bindings (torch + CUDA runtime headers) parse against the installed torch's
+    headers, so they cannot rot between GPU sessions either. A CPU build of torch ships the
+    c10/cuda headers but not the one CMake generates; an empty stand-in replaces it."""
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("")
+    inc = os.path.join(os.path.dirname(torch.__file__), "include")
+    from torch.utils import cpp_extension
+
+    homes = [cpp_extension.CUDA_HOME, os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "/usr/local/cuda"]
+    cuda_inc = next((os.path.join(h, "include") for h in homes
+                     if h and os.path.exists(os.path.join(h, "include", "cuda_runtime.h"))), None)
+    if cuda_inc is None:
+        pytest.skip("cuda_runtime.h not found")
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-I", str(tmp_path), "-I", inc,
+           "-I", os.path.join(inc, "torch", "csrc", "api", "include"), "-I", cuda_inc,
+           "-I", os.path.join(ROOT, "csrc"), "-DRCEKD_WITH_CUDA=1", cpp]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not found")
 def test_cmake_configures_and_builds(tmp_path):
     """CMakeLists.txt builds the CPU sources against the installed torch; the library loads and runs."""

@@ -153,7 +153,7 @@ void dispatch_float(at::ScalarType st, F&& f) {
     case at::kDouble: f(double{}); break;
     case at::kHalf: f(c10::Half{}); break;
     case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "rcekd: unsupported score dtype ", st);
+    default: TORCH_CHECK(false, msg("rcekd: unsupported score dtype ", c10::toString(st)));
   }
 }
 
@@ -242,8 +242,8 @@ void select_phase_a_row(const SelCtx& c, int64_t r, Scratch& sc) {
   if (c.given_qt != nullptr) {
     const int64_t* g = c.given_qt + r * K;
     for (int64_t i = 0; i < K; ++i) {
-      TORCH_CHECK(g[i] >= 0 && g[i] < N, "teacher_topk ids must lie in [0, N) = [0, ", N, "), got ", g[i],
-                  " in row ", r);
+      TORCH_CHECK(g[i] >= 0 && g[i] < N,
+                  msg("teacher_topk ids must lie in [0, N) = [0, ", N, "), got ", g[i], " in row ", r));
       qt[i] = g[i];
     }
   } else {
@@ -672,7 +672,7 @@ Tensor fused_bwd(const Tensor& grad_rows, const Tensor& s, const Tensor& t, cons
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t* ir = ip + r * W;
           for (int64_t w = 0; w < W; ++w)
-            TORCH_CHECK(ir[w] >= 0 && ir[w] < N, "idx must lie in [0, N) = [0, ", N, "), got ", ir[w]);
+            TORCH_CHECK(ir[w] >= 0 && ir[w] < N, msg("idx must lie in [0, N) = [0, ", N, "), got ", ir[w]));
           gather_row<A>(ds, r, ir, W, tau_a, x.data());
           gather_row<A>(dt, r, ir, W, tau_a, y.data());
           row_grads<A>(x.data(), y.data(), qp + r * K, K, L, gp[r], wp[r] / tau_a, d.data());
