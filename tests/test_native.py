@@ -428,8 +428,10 @@ def test_cmake_configures_and_builds(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     libs = glob.glob(str(build / "_C*"))
     assert libs, os.listdir(build)
-    # load it in a fresh process (the installed _C defines the same op library)
+    # load it in a fresh process in which the package does not load its own _C (same op library)
     r = _run_py(f"""
+        import os
+        os.environ["RCEKD_DISABLE_EXTENSION"] = "1"
         import torch
         torch.ops.load_library({libs[0]!r})
         from rcekd_kernels.backends import reference as ref

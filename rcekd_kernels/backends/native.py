@@ -15,6 +15,7 @@ and the five ops of :mod:`rcekd_kernels.backends.reference`, same signatures.
 from __future__ import annotations
 
 import importlib
+import os
 import importlib.util
 import json
 import types
@@ -32,8 +33,14 @@ _load_error: Optional[str] = None  # why the ops are not there
 _info: Optional[dict] = None
 
 
+DISABLE_VAR = "RCEKD_DISABLE_EXTENSION"
+
+
 def _load() -> None:
     global _ops, _load_error, _info
+    if os.environ.get(DISABLE_VAR) == "1":
+        _load_error = f"the compiled extension is disabled ({DISABLE_VAR}=1)"
+        return
     try:
         spec = importlib.util.find_spec(EXTENSION)
     except Exception as e:  # a broken package layout
