@@ -37,7 +37,8 @@ def _common(p, student=False):
     g.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="run once per seed (in OUT/seed_<s>) and write summary.json/csv with mean and std")
     g.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1: fastest on a busy 2-core machine)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last "
                    "complete epoch (same result as an uninterrupted run)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch)")
@@ -52,7 +53,7 @@ def _common(p, student=False):
     g.add_argument("--dim", type=int, default=None, help="embedding dimension of the model")
     if student:
         g = p.add_argument_group("distillation (override the config)")
-        g.add_argument("--lambda", dest="lam", type=float, default=None, help="weight of the KD loss")
+        g.add_argument("--lambda", dest="lam", type=float, default=None, metavar="LAMBDA", help="weight of the KD loss")
         g.add_argument("--K", type=int, default=None, help="teacher/student top-K size")
         g.add_argument("--M", type=int, default=None, help="RCE-KD: student candidate pool size")
         g.add_argument("--L", type=int, default=None, help="number of sampled items")
@@ -251,14 +252,14 @@ def cmd_demo(a):
                 c = copy.deepcopy(cfg)
                 c["seed"] = s
                 if sub == "rcekd":
-                    c["teacher_dir"] = os.path.abspath(os.path.join(out, "teacher"))
+                    c["teacher_dir"] = os.path.join(out, "teacher")
                 per[name].append(run_seeds(c, os.path.join(out, sub), None))
         from .runs import summarize
         rows = [{"name": n, "result": summarize(r, seeds)} for n, r in per.items()]
     else:
         res_t = run_seeds(teacher, os.path.join(a.out, "teacher"), None)
         res_s = run_seeds(scratch, os.path.join(a.out, "scratch"), None)
-        rcekd["teacher_dir"] = os.path.abspath(os.path.join(a.out, "teacher"))
+        rcekd["teacher_dir"] = os.path.join(a.out, "teacher")
         res_k = run_seeds(rcekd, os.path.join(a.out, "rcekd"), None)
         rows = [{"name": "teacher (MF dim %d)" % teacher["model"]["dim"], "result": res_t},
                 {"name": "student (MF dim %d, scratch)" % scratch["model"]["dim"], "result": res_s},
