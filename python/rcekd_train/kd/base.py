@@ -1,0 +1,120 @@
+"""The interface every distillation method implements, and shared helpers.
+
+A method is built with its hyperparameters, the frozen teacher and the data, and
+the trainer calls:
+
+* ``on_epoch_start(student, epoch)`` before the batches of an epoch (per-epoch
+  refresh of sets and samples; nothing to do for per-batch methods);
+* ``batch_loss(users, user_vecs, item_vecs, step)`` in each training step, with the
+  student's vectors of that step (gradient flows through them) -> (loss, diagnostics).
+  A user that appears several times in a batch (one row per training pair) is computed
+  once and weighted by its count, which gives the same value and gradient as one row per
+  occurrence (the authors' code) for less work. Methods implement ``rows(...)``: the loss of
+  each distinct user (B,) and the diagnostics.
+
+The total loss is ``base + lambda * kd``. Randomness comes from generators seeded by
+(seed, epoch) or (seed, step), so an interrupted and resumed run draws the same
+samples.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from ..models.base import dot_all, dot_items
+
+Tensor = torch.Tensor
+
+
+def mix_seed(*parts: int) -> int:
+    """A deterministic 31-bit seed from integers (splitmix-style mixing)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x ^= (int(p) + 0x9E3779B97F4A7C15 + (x << 6) + (x >> 2)) & 0xFFFFFFFFFFFFFFFF
+        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return int(x & 0x7FFFFFFF)
+
+
+def gumbel_topk(log_weights: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """k column indices per row drawn without replacement with probability proportional to
+    exp(log_weights) (Gumbel-top-k); -inf weights are never drawn (when enough others exist)."""
+    u = torch.rand(log_weights.shape, generator=generator, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    g = -torch.log(-torch.log(u))  # drawn on the generator's device (CPU), then moved
+    keys = log_weights.double() + g.to(log_weights.device)
+    return torch.topk(keys, k, dim=1).indices
+
+
+def wmean(x: Tensor, w: Tensor) -> float:
+    """Weighted mean of a per-row quantity (for diagnostics)."""
+    return float((x.detach().to(w.dtype) * w).sum() / w.sum().clamp_min(1))
+
+
+class KDMethod:
+    name = "base"
+    #: hyperparameters and their defaults (the config's kd section is checked against them)
+    defaults: Dict = {}
+
+    def __init__(self, teacher, data, seed: int = 0, **hp):
+        unknown = sorted(set(hp) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"kd method {self.name}: unknown hyperparameter(s) {unknown}; "
+                             f"allowed: {sorted(self.defaults)}")
+        self.hp = dict(self.defaults)
+        self.hp.update(hp)
+        self.teacher, self.data, self.seed = teacher, data, int(seed)
+        self.epoch = 0
+
+    def topk_needed(self) -> int:
+        """How many of the teacher's top items per user the method reads from the cache."""
+        return 0
+
+    def on_epoch_start(self, student, epoch: int) -> None:
+        self.epoch = epoch
+
+    def rows(self, users: Tensor, user_vecs: Tensor, item_vecs: Tensor, step: int, weights: Tensor
+             ) -> Tuple[Tensor, Dict]:
+        """The loss of each (distinct) user (B,) and diagnostics (means weighted by ``weights``)."""
+        raise NotImplementedError
+
+    def batch_loss(self, users: Tensor, user_vecs: Tensor, item_vecs: Tensor, step: int) -> Tuple[Tensor, Dict]:
+        """The reduced KD loss of a batch (users may repeat: each distinct user is computed once)."""
+        uniq, inv, counts = torch.unique(users, return_inverse=True, return_counts=True)
+        first = torch.full((len(uniq),), len(users), dtype=torch.long, device=users.device)
+        first.scatter_reduce_(0, inv, torch.arange(len(users), device=users.device), reduce="amin")
+        w = counts.to(user_vecs.dtype)
+        rows, diag = self.rows(uniq, user_vecs[first], item_vecs, step, w)
+        red = self.hp.get("reduction", "sum")
+        if red == "sum":
+            loss = (rows * w).sum()
+        elif red == "mean":
+            loss = (rows * w).sum() / w.sum().clamp_min(1)
+        else:
+            raise ValueError(f"kd reduction must be 'sum' or 'mean', got {red!r}")
+        return loss, diag
+
+    # helpers
+    @staticmethod
+    @torch.no_grad()
+    def student_vectors(student):
+        was = student.training
+        student.eval()
+        try:
+            return student.represent_all()
+        finally:
+            student.train(was)
+
+    def chunks(self, n: int, size: int = 1024):
+        for s in range(0, n, size):
+            yield torch.arange(s, min(n, s + size))
+
+
+class NoKD(KDMethod):
+    name = "none"
+
+    def rows(self, users, user_vecs, item_vecs, step, weights):
+        return user_vecs.sum(1) * 0.0, {}
+
+
+__all__ = ["KDMethod", "NoKD", "gumbel_topk", "mix_seed", "wmean", "dot_all", "dot_items"]

@@ -1,0 +1,106 @@
+"""A trained teacher, frozen: its vectors and its cached top-K lists.
+
+A teacher is trained once (``rcekd train-teacher``); its best weights are saved and
+its top-K items per user are computed in chunks of users and cached to a file
+(``teacher_topk.pt``, int32 (users, K)). For distillation the teacher's user and
+item vectors are computed once (all backbones score by a dot product) and the
+model itself is dropped; teacher scores are then computed only where needed:
+at given items (B, X), or full rows of one batch (B, N) for the per-batch
+protocol. No users x items teacher matrix is ever kept.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@torch.no_grad()
+def topk_from_vectors(user_vecs: Tensor, item_vecs: Tensor, K: int, data=None, chunk: int = 1024) -> Tensor:
+    """Top-K item ids (users, K) in ranking order (ties to the smaller id), computed in chunks of
+    users. With ``data`` the users' training items are excluded (ranked last)."""
+    K = min(K, item_vecs.shape[0])
+    out = []
+    for s in range(0, user_vecs.shape[0], chunk):
+        users = torch.arange(s, min(s + chunk, user_vecs.shape[0]), device=user_vecs.device)
+        scores = (user_vecs[users] @ item_vecs.T).float()
+        if data is not None:
+            scores = scores.masked_fill(data.train_mask_rows(users), float("-inf"))
+        out.append(ranked_topk(scores, K))
+    return torch.cat(out).to(torch.int32)
+
+
+def ranked_topk(scores: Tensor, K: int) -> Tensor:
+    """The first K items of each row by decreasing score; equal scores are ordered by item id
+    (items strictly above the K-th score are all taken, the tied ones by id, then a stable sort)."""
+    thr = torch.topk(scores, K, dim=1, sorted=True).values[:, -1:]
+    above = scores > thr
+    at = scores == thr
+    need = K - above.sum(1, keepdim=True)
+    take = above | (at & (torch.cumsum(at.int(), 1) <= need))
+    idx = take.nonzero()[:, 1].view(scores.shape[0], K)
+    order = torch.sort(scores.gather(1, idx), dim=1, descending=True, stable=True).indices
+    return idx.gather(1, order)
+
+
+def save_topk(path: str, topk: Tensor, meta: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save({"topk": topk.to(torch.int32).cpu(), "meta": dict(meta)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_topk(path: str):
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    return obj["topk"], obj.get("meta", {})
+
+
+class FrozenTeacher:
+    """Teacher vectors (no gradient) and the cached top-K lists."""
+
+    def __init__(self, user_vecs: Tensor, item_vecs: Tensor, topk: Optional[Tensor] = None, chunk: int = 256):
+        self.user_vecs = user_vecs.detach()
+        self.item_vecs = item_vecs.detach()
+        self.topk_cache = topk
+        self.chunk = chunk
+        self.num_users, self.num_items = user_vecs.shape[0], item_vecs.shape[0]
+
+    @classmethod
+    def from_model(cls, model, topk: Optional[Tensor] = None) -> "FrozenTeacher":
+        was = model.training
+        model.eval()
+        try:
+            u, i = model.represent_all()
+        finally:
+            model.train(was)
+        return cls(u, i, topk)
+
+    def to(self, device) -> "FrozenTeacher":
+        topk = self.topk_cache.to(device) if self.topk_cache is not None else None
+        return FrozenTeacher(self.user_vecs.to(device), self.item_vecs.to(device), topk, self.chunk)
+
+    def topk(self, users: Tensor, K: int) -> Tensor:
+        """The teacher's top-K (B, K) int64 of the given users, from the cache."""
+        if self.topk_cache is None or self.topk_cache.shape[1] < K:
+            have = 0 if self.topk_cache is None else self.topk_cache.shape[1]
+            raise ValueError(f"the teacher's top-K cache holds {have} items per user, {K} are needed; "
+                             f"recompute it with a larger teacher.topk_cache")
+        return self.topk_cache[users, :K].long()
+
+    @torch.no_grad()
+    def score_items(self, users: Tensor, items: Tensor) -> Tensor:
+        """Teacher scores (B, X) at items (B, X), in chunks of users (bounded memory)."""
+        from ..models.base import dot_items
+        out = torch.empty(items.shape, dtype=self.item_vecs.dtype, device=items.device)
+        for s in range(0, len(users), self.chunk):
+            out[s:s + self.chunk] = dot_items(self.user_vecs[users[s:s + self.chunk]], self.item_vecs,
+                                              items[s:s + self.chunk])
+        return out
+
+    @torch.no_grad()
+    def score_rows(self, users: Tensor) -> Tensor:
+        """Full teacher rows (B, N) of one batch (each distinct user computed once)."""
+        uniq, inv = torch.unique(users, return_inverse=True)
+        return (self.user_vecs[uniq] @ self.item_vecs.T)[inv]

@@ -1,0 +1,126 @@
+"""What every backbone provides.
+
+All three backbones score a (user, item) pair by a dot product of a user vector
+and an item vector, so a model exposes:
+
+* ``represent(users)`` -> (user vectors (B, D), item vectors (N, D)), differentiable;
+* ``base_loss(batch)`` -> (loss, users, user vectors, item vectors): the training
+  loss of one batch and the representation computed on the way (LightGCN
+  propagates once per step; the KD loss reuses these vectors);
+* ``score_all(users)`` (B, N) and ``score_items(users, items)`` (B, X);
+* ``represent_all()`` -> (all user vectors, item vectors), no gradient, for
+  evaluation and for freezing a teacher;
+* ``batches(generator)``: the training batches of one epoch.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+def dot_items(user_vecs: Tensor, item_vecs: Tensor, items: Tensor) -> Tensor:
+    """Scores (B, X) of items (B, X) for users given by their vectors (B, D)."""
+    B, X = items.shape
+    gathered = item_vecs.index_select(0, items.reshape(-1)).view(B, X, -1)  # faster than item_vecs[items]
+    return torch.bmm(gathered, user_vecs.unsqueeze(-1)).squeeze(-1)
+
+
+def dot_all(user_vecs: Tensor, item_vecs: Tensor) -> Tensor:
+    return user_vecs @ item_vecs.T
+
+
+class Recommender(nn.Module):
+    name = "base"
+
+    def __init__(self, data):
+        super().__init__()
+        self.num_users = data.num_users
+        self.num_items = data.num_items
+
+    # --- to implement ------------------------------------------------------------------
+    def represent(self, users: Tensor) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def base_loss(self, batch) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def batches(self, data, batch_size: int, generator: torch.Generator) -> Iterator:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------
+    def score_all(self, users: Tensor) -> Tensor:
+        u, i = self.represent(users)
+        return dot_all(u, i)
+
+    def score_items(self, users: Tensor, items: Tensor) -> Tensor:
+        u, i = self.represent(users)
+        return dot_items(u, i, items)
+
+    @torch.no_grad()
+    def represent_all(self, chunk: int = 4096) -> Tuple[Tensor, Tensor]:
+        dev = next(self.parameters()).device
+        users = torch.arange(self.num_users, device=dev)
+        parts, items = [], None
+        for s in range(0, self.num_users, chunk):
+            u, items = self.represent(users[s:s + chunk])
+            parts.append(u)
+        return torch.cat(parts), items
+
+
+class PairBatches:
+    """BPR batches: every training pair once per epoch, shuffled, each with one negative item drawn
+    uniformly from the items the user has not interacted with in train."""
+
+    def __init__(self, data, batch_size: int, device="cpu"):
+        self.data, self.batch_size, self.device = data, batch_size, device
+        pairs = data.train.pairs()
+        self.users = torch.from_numpy(pairs[:, 0])
+        self.items = torch.from_numpy(pairs[:, 1])
+
+    def __len__(self):
+        return (len(self.users) + self.batch_size - 1) // self.batch_size
+
+    def sample_negatives(self, users: Tensor, generator: torch.Generator) -> Tensor:
+        n = self.data.num_items
+        neg = torch.randint(0, n, users.shape, generator=generator)
+        bad = torch.from_numpy(self.data.is_train_pair(users.numpy(), neg.numpy()))
+        while bad.any():
+            idx = bad.nonzero().squeeze(1)
+            neg[idx] = torch.randint(0, n, (len(idx),), generator=generator)
+            bad[idx] = torch.from_numpy(self.data.is_train_pair(users[idx].numpy(), neg[idx].numpy()))
+        return neg
+
+    def __call__(self, generator: torch.Generator):
+        neg = self.sample_negatives(self.users, generator)
+        perm = torch.randperm(len(self.users), generator=generator)
+        for s in range(0, len(perm), self.batch_size):
+            b = perm[s:s + self.batch_size]
+            yield (self.users[b].to(self.device), self.items[b].to(self.device), neg[b].to(self.device))
+
+
+class UserBatches:
+    """Batches of users (sequential models): every user with at least one training item, shuffled."""
+
+    def __init__(self, data, batch_size: int, device="cpu"):
+        self.users = torch.from_numpy(np.nonzero(data.train.lengths() > 0)[0])
+        self.batch_size, self.device = batch_size, device
+
+    def __len__(self):
+        return (len(self.users) + self.batch_size - 1) // self.batch_size
+
+    def __call__(self, generator: torch.Generator):
+        perm = torch.randperm(len(self.users), generator=generator)
+        for s in range(0, len(perm), self.batch_size):
+            yield self.users[perm[s:s + self.batch_size]].to(self.device)
+
+
+def bpr_loss(user_vecs: Tensor, item_vecs: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    """Summed over the batch: - sum log sigmoid(s(u, pos) - s(u, neg))."""
+    sp = (user_vecs * item_vecs[pos]).sum(-1)
+    sn = (user_vecs * item_vecs[neg]).sum(-1)
+    return -torch.nn.functional.logsigmoid(sp - sn).sum()

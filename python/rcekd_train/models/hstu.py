@@ -1,0 +1,148 @@
+"""HSTU, the research layer of "Actions Speak Louder than Words" (Zhai et al., 2024),
+as a next-item model over each user's training sequence.
+
+One layer, for input X (B, n, D) with n the padded length:
+
+    U, V, Q, K = split(SiLU(LayerNorm(X) W_uvqk))             (fused projection)
+    A[i, j]    = SiLU(Q_i . K_j + b[i - j]) / n   for j <= i   (causal, pointwise, no softmax)
+    Y          = X + W_o(Dropout(U * LayerNorm(A V)))          (per head, heads concatenated)
+
+with b a learned relative-position bias. The input is item embedding * sqrt(D) +
+learned position embedding (with dropout), padding positions are zeroed, and the
+output of the last layer is L2-normalised. Training is next-item prediction with a
+sampled softmax over the positive item and ``num_negatives`` items drawn uniformly
+(shared by all positions of a batch; a negative equal to the positive is masked),
+on L2-normalised item embeddings with a temperature. The representation of a user is
+the output at the last position of the training sequence; a score is its dot
+product with the L2-normalised item embedding.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Recommender, UserBatches
+
+
+def l2norm(x, eps: float = 1e-6):
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, dim: int, heads: int, attn_dim: int, linear_dim: int, max_len: int,
+                 linear_dropout: float, rel_bias: bool = True):
+        super().__init__()
+        self.dim, self.heads, self.attn_dim, self.linear_dim = dim, heads, attn_dim, linear_dim
+        self.uvqk = nn.Parameter(torch.empty(dim, heads * (2 * linear_dim + 2 * attn_dim)).normal_(0, 0.02))
+        self.out = nn.Linear(heads * linear_dim, dim)
+        nn.init.xavier_uniform_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.rel_bias = nn.Parameter(torch.empty(2 * max_len - 1).normal_(0, 0.02)) if rel_bias else None
+        self.max_len = max_len
+        self.dropout = linear_dropout
+
+    def forward(self, x):
+        B, n, D = x.shape
+        h = F.silu(F.layer_norm(x, (D,), eps=1e-6) @ self.uvqk)
+        H, dv, dqk = self.heads, self.linear_dim, self.attn_dim
+        u, v, q, k = torch.split(h, [H * dv, H * dv, H * dqk, H * dqk], dim=-1)
+        q = q.view(B, n, H, dqk)
+        k = k.view(B, n, H, dqk)
+        v = v.view(B, n, H, dv)
+        scores = torch.einsum("bihd,bjhd->bhij", q, k)
+        pos = torch.arange(n, device=x.device)
+        rel = pos.view(n, 1) - pos.view(1, n)  # i - j
+        if self.rel_bias is not None:
+            scores = scores + self.rel_bias[rel + self.max_len - 1]
+        causal = (rel >= 0).to(x.dtype)
+        attn = F.silu(scores) / self.max_len * causal  # divided by the padded length
+        a = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(B, n, H * dv)
+        a = F.layer_norm(a, (H * dv,), eps=1e-6)
+        return x + self.out(F.dropout(u * a, p=self.dropout, training=self.training))
+
+
+class HSTU(Recommender):
+    name = "hstu"
+
+    def __init__(self, data, dim: int = 32, blocks: int = 2, heads: int = 1, attn_dim: int = 16,
+                 linear_dim: int = 16, max_len: int = 100, dropout: float = 0.5, linear_dropout: float = 0.5,
+                 temperature: float = 0.05, num_negatives: int = 1024, rel_bias: bool = True):
+        super().__init__(data)
+        self.dim, self.max_len, self.temperature = dim, max_len, temperature
+        self.num_negatives = num_negatives
+        self.item_emb = nn.Embedding(self.num_items + 1, dim, padding_idx=0)  # id 0 = padding
+        with torch.no_grad():
+            self.item_emb.weight.normal_(0, 0.02).clamp_(-0.04, 0.04)
+            self.item_emb.weight[0].zero_()
+        self.pos_emb = nn.Embedding(max_len, dim)
+        nn.init.normal_(self.pos_emb.weight, std=math.sqrt(1.0 / dim))
+        self.input_dropout = dropout
+        self.layers = nn.ModuleList(HSTULayer(dim, heads, attn_dim, linear_dim, max_len, linear_dropout, rel_bias)
+                                    for _ in range(blocks))
+        seq = np.zeros((self.num_users, max_len), dtype=np.int64)
+        for u in range(self.num_users):
+            items = data.train.items_of(u)[-max_len:]
+            seq[u, :len(items)] = items + 1
+        self.register_buffer("seq", torch.from_numpy(seq), persistent=False)
+        self.register_buffer("lengths", torch.from_numpy(np.minimum(data.train.lengths(), max_len)),
+                             persistent=False)
+
+    def encode(self, users):
+        """Outputs (B, n, D), L2-normalised, for the users' padded training sequences. Sequences are
+        right-padded to ``max_len`` (the attention is divided by it); the batch is cut to its longest
+        sequence, which changes nothing since the causal mask hides later positions."""
+        lengths = self.lengths[users]
+        n = max(int(lengths.max()), 1) if len(users) else 1
+        ids = self.seq[users, :n]
+        x = self.item_emb(ids) * math.sqrt(self.dim) + self.pos_emb.weight[:n]
+        x = F.dropout(x, p=self.input_dropout, training=self.training)
+        x = x * (ids != 0).unsqueeze(-1).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x)
+        return l2norm(x), ids, lengths
+
+    def item_vectors(self):
+        return l2norm(self.item_emb.weight[1:])
+
+    def represent(self, users):
+        out, _ids, lengths = self.encode(users)
+        last = out[torch.arange(len(users), device=out.device), (lengths - 1).clamp_min(0)]
+        return last, self.item_vectors()
+
+    def base_loss(self, users):
+        out, ids, lengths = self.encode(users)
+        items = self.item_vectors()
+        B, n, D = out.shape
+        last = out[torch.arange(B, device=out.device), (lengths - 1).clamp_min(0)]
+        if n < 2:
+            return out.sum() * 0.0, users, last, items
+        query = out[:, :-1]  # position t predicts item t + 1
+        target = ids[:, 1:]  # padded with 0
+        valid = target != 0
+        q = query[valid]  # (P, D)
+        pos_ids = target[valid] - 1
+        pos_logit = (q * items[pos_ids]).sum(-1, keepdim=True) / self.temperature
+        neg_ids = torch.randint(0, self.num_items, (self.num_negatives,), device=out.device)
+        neg_logit = (q @ items[neg_ids].T) / self.temperature
+        neg_logit = neg_logit.masked_fill(neg_ids.view(1, -1) == pos_ids.view(-1, 1), float("-inf"))
+        logits = torch.cat([pos_logit, neg_logit], dim=1)
+        loss = -F.log_softmax(logits, dim=1)[:, 0].mean()
+        return loss, users, last, items
+
+    def batches(self, data, batch_size, generator):
+        if not hasattr(self, "_batcher") or self._batcher.batch_size != batch_size:
+            self._batcher = UserBatches(data, batch_size, self.item_emb.weight.device)
+        return self._batcher(generator)
+
+    @torch.no_grad()
+    def represent_all(self, chunk: int = 1024):
+        was = self.training
+        self.eval()
+        try:
+            return super().represent_all(chunk)
+        finally:
+            self.train(was)

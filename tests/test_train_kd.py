@@ -1,0 +1,253 @@
+"""KD losses against hand-written formulas, and the item choices of each method against brute force."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rcekd_kernels import select
+from rcekd_train.kd import (CD, DCD, RCEKD, RRD, FrozenTeacher, VanillaCE, cd_rows, ce_rows, gumbel_topk,
+                            listwise_rows, mix_seed, ranked_topk)
+from rcekd_train.models import build_model
+from train_helpers import tiny_synthetic
+
+torch.set_default_dtype(torch.float32)
+
+
+def brute_topk(row, k):
+    """Items by decreasing score, ties by smaller id (plain Python sort)."""
+    return sorted(range(len(row)), key=lambda j: (-float(row[j]), j))[:k]
+
+
+# --- the formulas ------------------------------------------------------------------------------------
+def test_ce_rows_formula():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[0.3, 0.1, 2.0], [1.0, 1.0, 1.0]])
+    for tau in (1.0, 2.5):
+        got = ce_rows(s, t, tau)
+        for r in range(2):
+            pt = [math.exp(x / tau) for x in t[r].tolist()]
+            ps = [math.exp(x / tau) for x in s[r].tolist()]
+            want = -sum(pt[j] / sum(pt) * math.log(ps[j] / sum(ps)) for j in range(3))
+            assert float(got[r]) == pytest.approx(want, rel=1e-5)
+
+
+def test_cd_rows_formula():
+    s = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    t = torch.tensor([[0.0, 2.0], [-1.0, 1.0]])
+    got = cd_rows(s, t)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    for r in range(2):
+        want = 0.0
+        for j in range(2):
+            y, p = sig(float(t[r, j])), sig(float(s[r, j]))
+            want -= y * math.log(p) + (1 - y) * math.log(1 - p)
+        assert float(got[r]) == pytest.approx(want, rel=1e-5)
+
+
+def test_listwise_rows_formula():
+    ordered = torch.tensor([[2.0, 1.0, 0.5], [0.1, 0.2, 0.3]])
+    below = torch.tensor([[0.0, -1.0], [1.0, 2.0]])
+    got = listwise_rows(ordered, below)
+    for r in range(2):
+        o, b = ordered[r].tolist(), below[r].tolist()
+        want = 0.0
+        for k in range(3):
+            denom = sum(math.exp(x) for x in o[k:]) + sum(math.exp(x) for x in b)
+            want -= o[k] - math.log(denom)
+        assert float(got[r]) == pytest.approx(want, rel=1e-5)
+    # without "below" items it is the Plackett-Luce NLL of the order alone
+    got = listwise_rows(ordered, ordered[:, :0])
+    o = ordered[0].tolist()
+    want = -sum(o[k] - math.log(sum(math.exp(x) for x in o[k:])) for k in range(3))
+    assert float(got[0]) == pytest.approx(want, rel=1e-5)
+
+
+# --- a tiny setting ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def setting():
+    torch.manual_seed(0)
+    data = tiny_synthetic()
+    teacher_model = build_model("mf", data, dim=16, init_std=1.0)
+    student = build_model("mf", data, dim=4, init_std=1.0)
+    teacher = FrozenTeacher.from_model(teacher_model)
+    full_t = (teacher.user_vecs @ teacher.item_vecs.T)
+    teacher.topk_cache = torch.tensor([brute_topk(r, 40) for r in full_t], dtype=torch.int32)
+    return data, teacher, student, full_t
+
+
+def hand_rcekd(s_row, t_row, qs, a, qt, beta, K, tau, mode):
+    """Spec section 5 written out for one row (sets given): returns (loss, gamma)."""
+    qs, a, qt = list(qs), list(a), list(qt)
+    q1 = set(qt) & set(qs)
+    q2 = [i for i in qt if i not in qs]
+    U = list(dict.fromkeys(a + q2))  # A union Q2, each item once
+
+    def ce(items):
+        tt = torch.stack([t_row[j] for j in items]) / tau
+        ss = torch.stack([s_row[j] for j in items]) / tau
+        return -(torch.softmax(tt, 0) * torch.log_softmax(ss, 0)).sum()
+
+    n = len(q1) if mode == "paper" else len(set(qt) & set(a))
+    gamma = math.exp(-beta * n / K)
+    return (1 - gamma) * ce(qs) + gamma * ce(U), gamma
+
+
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_rcekd_per_epoch_matches_hand_formula(setting, mode):
+    data, teacher, student, full_t = setting
+    K, M, L, beta, tau = 6, 15, 5, 3.0, 2.0
+    kd = RCEKD(teacher, data, seed=5, K=K, M=M, L=L, beta=beta, tau=tau, mode=mode, reduction="sum")
+    kd.on_epoch_start(student, 0)
+    users = torch.tensor([3, 7, 7, 50, 119])
+    uv, iv = student.represent(users)
+    loss, diag = kd.batch_loss(users, uv, iv, step=0)
+    loss.backward()
+    got_grad = student.user_emb.weight.grad.clone()
+    student.zero_grad()
+
+    uv, iv = student.represent(users)
+    s_full = uv @ iv.T
+    sel = kd.selection
+    want, gammas = 0.0, []
+    for r, u in enumerate(users.tolist()):
+        qs, a, qt = sel.student_topk[u].tolist(), sel.sampled[u].tolist(), sel.teacher_topk[u].tolist()
+        # the sets against brute force
+        assert qs == brute_topk(s_full[r].detach(), K)
+        assert qt == brute_topk(full_t[u], K)
+        pool = set(brute_topk(s_full[r].detach(), M))
+        assert len(set(a)) == L and set(a) <= pool
+        l, g = hand_rcekd(s_full[r], full_t[u], qs, a, qt, beta, K, tau, mode)
+        want = want + l
+        gammas.append(g)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
+    assert diag["gamma"] == pytest.approx(np.mean(gammas), rel=1e-5)
+    want.backward()
+    assert torch.allclose(got_grad, student.user_emb.weight.grad, rtol=1e-4, atol=1e-5)
+    student.zero_grad()
+
+
+def test_rcekd_per_batch_matches_hand_formula(setting):
+    data, teacher, student, full_t = setting
+    K, M, L, beta = 5, 12, 4, 5.0
+    kd = RCEKD(teacher, data, seed=11, K=K, M=M, L=L, beta=beta, tau=1.0, mode="paper", refresh="batch",
+               reduction="mean")
+    users = torch.tensor([0, 9, 33])
+    uv, iv = student.represent(users)
+    loss, diag = kd.batch_loss(users, uv, iv, step=4)
+    s_full = (uv @ iv.T).detach()
+    # the sets of this step: the same seed the method uses, from the select API
+    sel = select(s_full, teacher_topk=teacher.topk(users, K), K=K, M=M, L=L, T=10.0, beta=beta, mode="paper",
+                 seed=mix_seed(11, 4, 2), row_ids=users)
+    want = 0.0
+    for r, u in enumerate(users.tolist()):
+        assert sel.student_topk[r].tolist() == brute_topk(s_full[r], K)
+        l, _ = hand_rcekd(s_full[r], full_t[u], sel.student_topk[r].tolist(), sel.sampled[r].tolist(),
+                          sel.teacher_topk[r].tolist(), beta, K, 1.0, "paper")
+        want += float(l)
+    assert float(loss.detach()) == pytest.approx(want / 3, rel=1e-4)
+    # |Q1|/K brute force
+    q1 = np.mean([len(set(brute_topk(s_full[r], K)) & set(brute_topk(full_t[u], K))) / K
+                  for r, u in enumerate(users.tolist())])
+    assert diag["q1_frac"] == pytest.approx(q1)
+
+
+def test_vanilla_ce_uses_student_topk(setting):
+    data, teacher, student, full_t = setting
+    kd = VanillaCE(teacher, data, seed=0, K=7, tau=1.0, reduction="sum")
+    kd.on_epoch_start(student, 0)
+    users = torch.tensor([1, 2, 60])
+    uv, iv = student.represent(users)
+    loss, _ = kd.batch_loss(users, uv, iv, 0)
+    s_full = (uv @ iv.T)
+    want = 0.0
+    for r, u in enumerate(users.tolist()):
+        qs = brute_topk(s_full[r].detach(), 7)
+        want += float(ce_rows(s_full[r, qs].unsqueeze(0), full_t[u, qs].unsqueeze(0))[0].detach())
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-5)
+
+
+def test_cd_samples_from_teacher_topk(setting):
+    data, teacher, student, full_t = setting
+    kd = CD(teacher, data, seed=0, L=5, pool=20, T=3.0, reduction="sum")
+    kd.on_epoch_start(student, 2)
+    for u in range(data.num_users):
+        items = kd.items[u].tolist()
+        assert len(set(items)) == 5 and set(items) <= set(brute_topk(full_t[u], 20))
+    users = torch.tensor([4, 5])
+    uv, iv = student.represent(users)
+    loss, _ = kd.batch_loss(users, uv, iv, 0)
+    idx = kd.items[users]
+    want = cd_rows((uv @ iv.T).gather(1, idx), full_t[users].gather(1, idx)).sum()
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    # rank-biased sampling: the teacher's best item is drawn far more often than its 20th
+    first = (kd.items == teacher.topk_cache[:, :1].long()).any(1).float().mean()
+    last = (kd.items == teacher.topk_cache[:, 19:20].long()).any(1).float().mean()
+    assert first > last
+
+
+def test_rrd_sets_and_loss(setting):
+    data, teacher, student, full_t = setting
+    kd = RRD(teacher, data, seed=1, K=6, L=8, pool=20, T=5.0, reduction="sum")
+    kd.on_epoch_start(student, 0)
+    for u in range(data.num_users):
+        top = brute_topk(full_t[u], 20)
+        inter = kd.interesting[u].tolist()
+        assert set(inter) <= set(top) and len(set(inter)) == 6
+        assert [top.index(i) for i in inter] == sorted(top.index(i) for i in inter)  # teacher order
+        assert not set(kd.uninteresting[u].tolist()) & set(top)
+    users = torch.tensor([8])
+    uv, iv = student.represent(users)
+    loss, _ = kd.batch_loss(users, uv, iv, 0)
+    s = (uv @ iv.T)[0]
+    o, b = s[kd.interesting[8]].tolist(), s[kd.uninteresting[8]].tolist()
+    want = -sum(o[k] - math.log(sum(math.exp(x) for x in o[k:]) + sum(math.exp(x) for x in b)) for k in range(6))
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
+
+
+def test_dcd_ranks_and_order(setting):
+    data, teacher, student, full_t = setting
+    scores = torch.randn(3, 30)
+    items = torch.randint(0, 30, (3, 5))
+    srt = torch.sort(scores, dim=1, descending=True).values
+    got = DCD.ranks_sorted(srt, scores, items)
+    for r in range(3):
+        for c in range(5):
+            assert int(got[r, c]) == int((scores[r] > scores[r, items[r, c]]).sum())
+    kd = DCD(teacher, data, seed=2, L=4, pool=15, scale=5.0)
+    kd.on_epoch_start(student, 0)
+    s_all = (student.user_emb.weight @ student.item_emb.weight.T).detach()
+    for u in (0, 5, 77):
+        items = kd.items[u].tolist()
+        assert len(items) == 8
+        t_vals = full_t[u, items]
+        assert bool((t_vals[:-1] >= t_vals[1:]).all())  # ordered by the teacher
+        qt, qs = set(brute_topk(full_t[u], 15)), set(brute_topk(s_all[u], 15))
+        assert set(items) <= qt | qs
+
+
+# --- teacher ---------------------------------------------------------------------------------------------
+def test_frozen_teacher_scores(setting):
+    data, teacher, student, full_t = setting
+    users = torch.tensor([0, 5, 5, 119])
+    items = torch.randint(0, data.num_items, (4, 9))
+    teacher_small_chunks = FrozenTeacher(teacher.user_vecs, teacher.item_vecs, chunk=3)
+    assert torch.allclose(teacher_small_chunks.score_items(users, items), full_t[users].gather(1, items), atol=1e-5)
+    assert torch.allclose(teacher.score_rows(users), full_t[users], atol=1e-5)
+    with pytest.raises(ValueError, match="top-K cache"):
+        teacher.topk(users, 41)
+
+
+def test_ranked_topk_ties():
+    s = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    got = ranked_topk(s, 4)
+    assert got[0].tolist() == brute_topk(s[0], 4) == [1, 2, 4, 5]
+    assert got[1].tolist() == [0, 1, 2, 3]
+
+
+def test_gumbel_topk_distribution():
+    g = torch.Generator().manual_seed(0)
+    logw = torch.log(torch.tensor([[1.0, 3.0, 0.0]])).expand(20000, 3)
+    pick = gumbel_topk(logw, 1, g)[:, 0]
+    assert not (pick == 2).any()  # zero weight never drawn
+    assert float((pick == 1).float().mean()) == pytest.approx(0.75, abs=0.02)

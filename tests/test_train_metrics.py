@@ -1,0 +1,67 @@
+"""Full-ranking Recall / NDCG against hand computations and a brute-force loop."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rcekd_train.data import InteractionData, Split
+from rcekd_train.evaluate import evaluate_scores, evaluate_vectors
+
+
+def toy(train, valid, test, n_items):
+    return InteractionData("toy", len(train), n_items, Split.from_lists(train), Split.from_lists(valid),
+                           Split.from_lists(test))
+
+
+def test_hand_computed_case():
+    # one user, 6 items; item 0 is a training item with the highest score (must be skipped)
+    data = toy([[0]], [[]], [[2, 5]], 6)
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0, 5.0, 4.0]])  # ranking after masking 0: 1, 2, 3, 4, 5
+    res = evaluate_scores(lambda u: scores[u], data, ks=(1, 2, 5), splits=("test",))["test"]
+    # relevant {2, 5} at ranks 2 and 5 (1-based)
+    assert res["recall@1"] == 0.0
+    assert res["recall@2"] == pytest.approx(0.5)
+    assert res["recall@5"] == pytest.approx(1.0)
+    assert res["ndcg@1"] == 0.0
+    assert res["ndcg@2"] == pytest.approx((1 / math.log2(3)) / (1 + 1 / math.log2(3)))
+    assert res["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(6)) / (1 + 1 / math.log2(3)))
+
+
+def test_idcg_truncated_at_k_and_user_average():
+    # user 0: 3 relevant items, all in the top 2 -> NDCG@2 = 1 (IDCG over min(3, 2) positions), recall 2/3
+    # user 1: no test item -> not averaged; user 2: relevant item ranked 1st -> 1, 1
+    data = toy([[5], [5], [5]], [[], [], []], [[0, 1, 2], [], [3]], 6)
+    scores = torch.tensor([[5.0, 4.0, 1.0, 0.0, 0.5, 9.0],
+                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                           [0.0, 0.0, 0.0, 5.0, 1.0, 9.0]])
+    res = evaluate_scores(lambda u: scores[u], data, ks=(2,), splits=("test",))["test"]
+    assert res["ndcg@2"] == pytest.approx((1.0 + 1.0) / 2)
+    assert res["recall@2"] == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+def test_against_brute_force_loop():
+    rng = np.random.default_rng(0)
+    U, N = 40, 30
+    lists = [rng.permutation(N)[: rng.integers(3, 12)].tolist() for _ in range(U)]
+    train = [x[: len(x) // 2] for x in lists]
+    valid = [x[len(x) // 2: len(x) // 2 + 1] for x in lists]
+    test = [x[len(x) // 2 + 1:] for x in lists]
+    data = toy(train, valid, test, N)
+    uv, iv = torch.randn(U, 4), torch.randn(N, 4)
+    res = evaluate_vectors(uv, iv, data, ks=(5, 10), batch_size=7)
+    scores = (uv @ iv.T).numpy()
+    for split, gt in (("valid", valid), ("test", test)):
+        for k in (5, 10):
+            rec, nd = [], []
+            for u in range(U):
+                if not gt[u]:
+                    continue
+                order = [i for i in np.argsort(-scores[u], kind="stable") if i not in train[u]][:k]
+                hits = [1.0 if i in gt[u] else 0.0 for i in order]
+                dcg = sum(h / math.log2(r + 2) for r, h in enumerate(hits))
+                idcg = sum(1 / math.log2(r + 2) for r in range(min(k, len(gt[u]))))
+                rec.append(sum(hits) / len(gt[u]))
+                nd.append(dcg / idcg)
+            assert res[split][f"recall@{k}"] == pytest.approx(np.mean(rec))
+            assert res[split][f"ndcg@{k}"] == pytest.approx(np.mean(nd))

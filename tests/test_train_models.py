@@ -1,0 +1,147 @@
+"""Backbones: LightGCN's adjacency and propagation count, MF negatives, HSTU causality, scoring APIs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rcekd_train.models import build_model, normalized_adjacency
+from rcekd_train.models.base import PairBatches
+from train_helpers import tiny_synthetic
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_synthetic()
+
+
+def test_adjacency_against_dense_formula(data):
+    adj = normalized_adjacency(data, "coo")
+    assert adj.layout == torch.sparse_coo  # never a dense (U + I)^2 matrix in the model
+    U, I = data.num_users, data.num_items
+    R = np.zeros((U, I))
+    for u in range(U):
+        R[u, data.train.items_of(u)] = 1
+    A = np.block([[np.zeros((U, U)), R], [R.T, np.zeros((I, I))]])
+    deg = A.sum(1)
+    with np.errstate(divide="ignore"):
+        d = np.where(deg > 0, 1 / np.sqrt(deg), 0)
+    want = d[:, None] * A * d[None, :]
+    assert np.allclose(adj.to_dense().numpy(), want, atol=1e-6)
+    assert normalized_adjacency(data, "csr").layout == torch.sparse_csr
+
+
+def test_lightgcn_layer_mean_and_one_propagation_per_step(data):
+    m = build_model("lightgcn", data, dim=8, layers=2)
+    A = normalized_adjacency(data, "coo").to_dense()
+    E = torch.cat([m.user_emb.weight, m.item_emb.weight])
+    want = (E + A @ E + A @ A @ E) / 3
+    u, i = m.propagate()
+    assert torch.allclose(torch.cat([u, i]), want, atol=1e-5)
+    # one training step: base loss + scores for KD reuse the same propagation
+    batch = next(m.batches(data, 64, torch.Generator().manual_seed(0)))
+    m.propagations = 0
+    base, users, uv, iv = m.base_loss(batch)
+    zeros = torch.zeros(len(users), 3, dtype=torch.long)
+    kd_scores = (uv @ iv.T)[:, :5].sum() + (uv.unsqueeze(1) * iv[zeros]).sum()
+    (base + kd_scores).backward()
+    assert m.propagations == 1
+    # gradient through the custom symmetric sparse product equals the dense one
+    g = m.user_emb.weight.grad.clone()
+    m.zero_grad()
+    E = torch.cat([m.user_emb.weight, m.item_emb.weight])
+    out = (E + A @ E + A @ A @ E) / 3
+    uvd, ivd = out[: data.num_users][users], out[data.num_users:]
+    pos, neg = batch[1], batch[2]
+    ref = -torch.nn.functional.logsigmoid((uvd * ivd[pos]).sum(-1) - (uvd * ivd[neg]).sum(-1)).sum()
+    ref = ref + (uvd @ ivd.T)[:, :5].sum() + (uvd.unsqueeze(1) * ivd[zeros]).sum()
+    ref.backward()
+    assert torch.allclose(g, m.user_emb.weight.grad, atol=1e-4)
+
+
+def test_bpr_negatives_exclude_positives(data):
+    pb = PairBatches(data, 50)
+    g = torch.Generator().manual_seed(1)
+    users = torch.from_numpy(data.train.users_of_pairs()).repeat(20)
+    neg = pb.sample_negatives(users, g)
+    for u, j in zip(users.tolist(), neg.tolist()):
+        assert j not in set(data.train.items_of(u).tolist())
+    # every pair appears once per epoch
+    seen = []
+    for u, p, n in pb(g):
+        seen += list(zip(u.tolist(), p.tolist()))
+    assert sorted(seen) == sorted(map(tuple, data.train.pairs().tolist()))
+
+
+def test_bpr_loss_hand_value(data):
+    m = build_model("mf", data, dim=2)
+    with torch.no_grad():
+        m.user_emb.weight[0] = torch.tensor([1.0, 2.0])
+        m.item_emb.weight[1] = torch.tensor([0.5, 0.5])
+        m.item_emb.weight[2] = torch.tensor([1.0, -1.0])
+    loss, *_ = m.base_loss((torch.tensor([0]), torch.tensor([1]), torch.tensor([2])))
+    # s(0,1) = 1.5, s(0,2) = -1 -> -log sigmoid(2.5)
+    assert float(loss.detach()) == pytest.approx(math.log(1 + math.exp(-2.5)), rel=1e-6)
+
+
+@pytest.mark.parametrize("name,kw", [("mf", dict(dim=4)), ("lightgcn", dict(dim=4, layers=2)),
+                                     ("hstu", dict(dim=8, blocks=2, heads=2, attn_dim=4, linear_dim=4, max_len=12,
+                                                   num_negatives=16))])
+def test_scores_consistent(data, name, kw):
+    torch.manual_seed(0)
+    m = build_model(name, data, **kw).eval()
+    users = torch.tensor([0, 3, 3, 100])
+    items = torch.randint(0, data.num_items, (4, 7))
+    full = m.score_all(users)
+    assert full.shape == (4, data.num_items)
+    assert torch.allclose(m.score_items(users, items), full.gather(1, items), atol=1e-5)
+    uv, iv = m.represent_all()
+    assert torch.allclose(uv[users] @ iv.T, full, atol=1e-5)
+
+
+def test_hstu_causal_and_last_position(data):
+    torch.manual_seed(0)
+    m = build_model("hstu", data, dim=8, blocks=2, heads=2, attn_dim=4, linear_dim=4, max_len=12,
+                    num_negatives=16).eval()
+    u = int(np.argmax(data.train.lengths() >= 6))
+    users = torch.tensor([u])
+    out1, ids, lengths = m.encode(users)
+    n = int(lengths[0])
+    # changing the last item changes only the last position's output (causal mask)
+    m.seq[u, n - 1] = (m.seq[u, n - 1] % data.num_items) + 1
+    out2, _, _ = m.encode(users)
+    assert torch.allclose(out1[0, : n - 1], out2[0, : n - 1], atol=1e-6)
+    assert not torch.allclose(out1[0, n - 1], out2[0, n - 1])
+    # outputs are unit vectors; the user vector is the output at the last training position
+    assert torch.allclose(out2[0, :n].norm(dim=-1), torch.ones(n), atol=1e-5)
+    uv, _ = m.represent(users)
+    assert torch.allclose(uv[0], out2[0, n - 1])
+    # the training loss is finite and differentiable
+    m.train()
+    loss, *_ = m.base_loss(torch.arange(10))
+    loss.backward()
+    assert math.isfinite(float(loss)) and m.item_emb.weight.grad is not None
+
+
+def test_hstu_attention_is_pointwise_silu_over_padded_length(data):
+    from rcekd_train.models.hstu import HSTULayer
+    torch.manual_seed(0)
+    layer = HSTULayer(dim=4, heads=1, attn_dim=2, linear_dim=2, max_len=5, linear_dropout=0.0, rel_bias=True).eval()
+    x = torch.randn(1, 3, 4)
+    y = layer(x)
+    # by hand
+    F = torch.nn.functional
+    h = F.silu(F.layer_norm(x, (4,), eps=1e-6) @ layer.uvqk)
+    u, v, q, k = h[..., :2], h[..., 2:4], h[..., 4:6], h[..., 6:8]
+    A = torch.zeros(3, 3)
+    for i in range(3):
+        for j in range(i + 1):
+            A[i, j] = F.silu(q[0, i] @ k[0, j] + layer.rel_bias[i - j + 4]) / 5  # divided by the padded length
+    a = F.layer_norm(A @ v[0], (2,), eps=1e-6)
+    want = x[0] + layer.out(u[0] * a)
+    assert torch.allclose(y[0], want, atol=1e-5)
+
+
+def test_unknown_hyperparameter_is_named(data):
+    with pytest.raises(ValueError, match="dimm"):
+        build_model("mf", data, dimm=3)

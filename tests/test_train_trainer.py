@@ -1,0 +1,127 @@
+"""The training loop: resume equivalence, early stopping, outputs, several seeds."""
+import json
+import os
+
+import pytest
+import torch
+
+from rcekd_train.config import resolve
+from rcekd_train.runs import run_one, run_seeds
+from rcekd_train.trainer import Trainer, load_teacher
+from train_helpers import tiny_synthetic
+
+DATA = ["data.num_users=150", "data.num_items=100", "data.mean_items=12", "data.min_items=5", "data.max_items=40",
+        "data.seed=2"]
+FAST = ["train.progress=false", "train.plot=false", "train.batch_size=256", "train.patience=50"]
+
+
+def quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("teacher"))
+    cfg = resolve("synthetic", "teacher", "mf", sets=DATA + FAST + ["train.epochs=3", "model.dim=16",
+                                                                      "teacher_topk=30"])
+    res = run_one(cfg, out, log=quiet)
+    assert res["status"] == "max_epochs"
+    return out
+
+
+def student_cfg(method, teacher_dir, model="mf", extra=()):
+    sets = DATA + FAST + ["train.epochs=4"]
+    if method == "rcekd":
+        sets += ["kd.K=5", "kd.M=15", "kd.L=5"]
+    cfg = resolve("synthetic", "student", model, kd_method=method, teacher_model="mf", sets=sets + list(extra))
+    if method != "none":
+        cfg["teacher_dir"] = teacher_dir
+    return cfg
+
+
+def read_history(out):
+    with open(os.path.join(out, "history.json")) as f:
+        return json.load(f)
+
+
+def strip_times(hist):
+    return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in hist]
+
+
+@pytest.mark.parametrize("method,model,extra", [
+    ("rcekd", "mf", ()),
+    ("rcekd", "mf", ("kd.refresh=batch", "kd.mode=paper")),
+    ("rrd", "mf", ("kd.K=5", "kd.L=5", "kd.pool=20")),
+    ("none", "hstu", ("model.max_len=10", "model.num_negatives=8", "model.blocks=1")),
+    ("none", "lightgcn", ("model.dim=8",)),
+])
+def test_resume_gives_the_same_result(tmp_path, teacher_dir, method, model, extra):
+    cfg = student_cfg(method, teacher_dir, model, extra)
+    full = str(tmp_path / "full")
+    res_full = run_one(cfg, full, log=quiet)
+    part = str(tmp_path / "part")
+    cut = dict(cfg, train=dict(cfg["train"], stop_after=2))
+    res_cut = run_one(cut, part, log=quiet)
+    assert res_cut["status"] == "interrupted" and res_cut["epoch"] == 2
+    res_resumed = run_one(cfg, part, resume=True, log=quiet)  # stop_after is ignored when comparing configs
+    assert strip_times(read_history(full)) == strip_times(read_history(part))
+    assert res_full["test"] == res_resumed["test"] and res_full["best_epoch"] == res_resumed["best_epoch"]
+    a = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=False)["model"]
+    b = torch.load(os.path.join(part, "checkpoint.pt"), weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_different_config(tmp_path, teacher_dir):
+    cfg = student_cfg("none", teacher_dir)
+    out = str(tmp_path / "r")
+    run_one(dict(cfg, train=dict(cfg["train"], stop_after=1)), out, log=quiet)
+    changed = dict(cfg, train=dict(cfg["train"], lr=0.5))
+    with pytest.raises(ValueError, match="train.lr"):
+        run_one(changed, out, resume=True, log=quiet)
+
+
+def test_early_stopping_and_outputs(tmp_path, teacher_dir):
+    cfg = student_cfg("rcekd", teacher_dir, extra=("train.epochs=30", "train.patience=2", "train.lr=0.5",
+                                                   "train.plot=true"))
+    out = str(tmp_path / "es")
+    res = run_one(cfg, out, log=quiet)
+    hist = read_history(out)
+    # stops exactly `patience` evaluations after the best valid NDCG@10
+    best = max(range(len(hist)), key=lambda i: (hist[i]["valid_ndcg@10"], -i))
+    assert res["best_epoch"] == hist[best]["epoch"]
+    if res["status"] == "early_stop":
+        assert len(hist) == hist[best]["epoch"] + 2
+    assert res["test"]["ndcg@10"] == hist[best]["test_ndcg@10"]
+    for f in ("config.yaml", "checkpoint.pt", "best_model.pt", "history.csv", "result.json"):
+        assert os.path.exists(os.path.join(out, f)), f
+    assert {"gamma", "q1_frac", "time_epoch_s", "time_train_s"} <= set(hist[0])
+    try:
+        import matplotlib  # noqa: F401
+        assert os.path.exists(os.path.join(out, "curves.png"))
+    except ImportError:
+        pass
+
+
+def test_teacher_outputs_topk_cache(teacher_dir):
+    from rcekd_train.kd import load_topk
+    from rcekd_train.runs import get_data
+    topk, meta = load_topk(os.path.join(teacher_dir, "teacher_topk.pt"))
+    cfg = resolve("synthetic", "teacher", "mf", sets=DATA)
+    data = get_data(cfg)
+    assert topk.shape == (data.num_users, 30) and meta["K"] == 30
+    teacher, _ = load_teacher(teacher_dir, data, need_topk=30)
+    full = teacher.user_vecs @ teacher.item_vecs.T
+    want = torch.sort(full, dim=1, descending=True, stable=True).indices[:, :30]
+    assert torch.equal(topk.long(), want)
+
+
+def test_several_seeds_summary(tmp_path, teacher_dir):
+    cfg = student_cfg("none", teacher_dir, extra=("train.epochs=2",))
+    out = str(tmp_path / "seeds")
+    summary = run_seeds(cfg, out, [0, 1], log=quiet)
+    r = [json.load(open(os.path.join(out, f"seed_{s}", "result.json"))) for s in (0, 1)]
+    vals = [x["test"]["ndcg@20"] for x in r]
+    assert vals[0] != vals[1]
+    assert summary["test"]["ndcg@20"]["mean"] == pytest.approx(sum(vals) / 2)
+    assert summary["test"]["ndcg@20"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+    assert os.path.exists(os.path.join(out, "summary.csv"))

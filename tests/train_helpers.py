@@ -1,0 +1,24 @@
+"""Shared helpers of the training-driver tests (tests/test_train_*.py)."""
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def shared_data_dir(*parts):
+    """The real data folder ``../shared/data`` (relative to the repository root), or skip."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (it lives outside the repository)")
+    return str(SHARED_DATA)
+
+
+def tiny_synthetic(**over):
+    from rcekd_train.data import make_synthetic
+    args = dict(num_users=120, num_items=90, dim=8, clusters=5, mean_items=12, min_items=5, max_items=40,
+                seed=3)
+    args.update(over)
+    return make_synthetic(**args)
