@@ -66,7 +66,7 @@ def _positions(pool: Tensor, items: Tensor) -> Tensor:
     """Position of each of ``items`` (B, X) in ``pool`` (B, P), or P when absent."""
     P = pool.shape[1]
     srt, perm = torch.sort(pool, dim=1)
-    loc = torch.searchsorted(srt, items).clamp_max(P - 1)
+    loc = torch.searchsorted(srt, items.contiguous()).clamp_max(P - 1)
     found = srt.gather(1, loc) == items
     return torch.where(found, perm.gather(1, loc), torch.full_like(items, P))
 
