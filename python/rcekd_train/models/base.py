@@ -50,7 +50,10 @@ class Recommender(nn.Module):
         raise NotImplementedError
 
     def batches(self, data, batch_size: int, generator: torch.Generator) -> Iterator:
-        raise NotImplementedError
+        """BPR pair batches (MF, LightGCN); a backbone with another objective overrides this."""
+        if getattr(self, "_batcher", None) is None or self._batcher.batch_size != batch_size:
+            self._batcher = PairBatches(data, batch_size, next(self.parameters()).device)
+        return self._batcher(generator)
 
     # --- shared ---------------------------------------------------------------------------
     def score_all(self, users: Tensor) -> Tensor:

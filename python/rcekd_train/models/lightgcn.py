@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import PairBatches, Recommender, bpr_loss
+from .base import Recommender, bpr_loss
 
 
 def normalized_adjacency(data, fmt: str = "csr") -> torch.Tensor:
@@ -94,11 +94,6 @@ class LightGCN(Recommender):
         all_u, items = self.propagate()
         u = all_u[users]
         return bpr_loss(u, items, pos, neg), users, u, items
-
-    def batches(self, data, batch_size, generator):
-        if not hasattr(self, "_batcher") or self._batcher.batch_size != batch_size:
-            self._batcher = PairBatches(data, batch_size, self.user_emb.weight.device)
-        return self._batcher(generator)
 
     @torch.no_grad()
     def represent_all(self, chunk: int = 4096):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import PairBatches, Recommender, bpr_loss
+from .base import Recommender, bpr_loss
 
 
 class MF(Recommender):
@@ -25,11 +25,6 @@ class MF(Recommender):
         users, pos, neg = batch
         u, items = self.represent(users)
         return bpr_loss(u, items, pos, neg), users, u, items
-
-    def batches(self, data, batch_size, generator):
-        if not hasattr(self, "_batcher") or self._batcher.batch_size != batch_size:
-            self._batcher = PairBatches(data, batch_size, self.user_emb.weight.device)
-        return self._batcher(generator)
 
     @torch.no_grad()
     def represent_all(self, chunk: int = 4096):
