@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from rcekd_train.cli import main
-from train_helpers import shared_data_dir
+from test_train_helpers import shared_data_dir
 
 TINY = ["--set", "data.num_users=150", "--set", "data.num_items=100", "--set", "data.mean_items=12",
         "--set", "data.min_items=5", "--set", "data.max_items=40", "--set", "train.epochs=2",

@@ -11,7 +11,7 @@ from rcekd_train.data import (DataFormatError, load_dataset, make_synthetic, rea
                               split_in_order, write_split)
 from rcekd_train.data.citeulike import load_citeulike
 from rcekd_train.data.lightgcn_format import load_lightgcn_format
-from train_helpers import shared_data_dir
+from test_train_helpers import shared_data_dir
 
 
 def read_tsv_pairs(path):

@@ -9,7 +9,7 @@ from rcekd_kernels import select
 from rcekd_train.kd import (CD, DCD, RCEKD, RRD, FrozenTeacher, VanillaCE, cd_rows, ce_rows, gumbel_topk,
                             listwise_rows, mix_seed, ranked_topk)
 from rcekd_train.models import build_model
-from train_helpers import tiny_synthetic
+from test_train_helpers import tiny_synthetic
 
 torch.set_default_dtype(torch.float32)
 
@@ -179,7 +179,7 @@ def test_cd_samples_from_teacher_topk(setting):
     loss, _ = kd.batch_loss(users, uv, iv, 0)
     idx = kd.items[users]
     want = cd_rows((uv @ iv.T).gather(1, idx), full_t[users].gather(1, idx)).sum()
-    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     # rank-biased sampling: the teacher's best item is drawn far more often than its 20th
     first = (kd.items == teacher.topk_cache[:, :1].long()).any(1).float().mean()
     last = (kd.items == teacher.topk_cache[:, 19:20].long()).any(1).float().mean()

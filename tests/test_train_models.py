@@ -7,7 +7,7 @@ import torch
 
 from rcekd_train.models import build_model, normalized_adjacency
 from rcekd_train.models.base import PairBatches
-from train_helpers import tiny_synthetic
+from test_train_helpers import tiny_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from rcekd_train.config import resolve
 from rcekd_train.runs import run_one, run_seeds
 from rcekd_train.trainer import Trainer, load_teacher
-from train_helpers import tiny_synthetic
+from test_train_helpers import tiny_synthetic
 
 DATA = ["data.num_users=150", "data.num_items=100", "data.mean_items=12", "data.min_items=5", "data.max_items=40",
         "data.seed=2"]
@@ -125,3 +125,19 @@ def test_several_seeds_summary(tmp_path, teacher_dir):
     assert summary["test"]["ndcg@20"]["mean"] == pytest.approx(sum(vals) / 2)
     assert summary["test"]["ndcg@20"]["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
     assert os.path.exists(os.path.join(out, "summary.csv"))
+
+
+def test_time_limit_reports_best_so_far_and_resume_continues(tmp_path, teacher_dir):
+    cfg = student_cfg("none", teacher_dir)
+    out = str(tmp_path / "tl")
+    res = run_one(dict(cfg, train=dict(cfg["train"], max_minutes=0)), out, log=quiet)
+    assert res["status"] == "time_limit" and res["epochs_run"] == 1
+    assert json.load(open(os.path.join(out, "result.json")))["best_epoch"] == 1
+    res = run_one(cfg, out, resume=True, log=quiet)
+    assert res["epochs_run"] == 4
+    assert strip_times(read_history(out)) == strip_times(read_history_of(cfg, str(tmp_path / "ref")))
+
+
+def read_history_of(cfg, out):
+    run_one(cfg, out, log=quiet)
+    return read_history(out)

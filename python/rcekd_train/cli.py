@@ -42,7 +42,8 @@ def _common(p, student=False):
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its last "
                    "complete epoch (same result as an uninterrupted run)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch)")
-    g.add_argument("--max-minutes", type=float, default=None, help="stop after this wall time (resumable)")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="end after this wall time, reporting the best epoch so far (--resume continues it)")
     g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     g = p.add_argument_group("training (override the config)")
     g.add_argument("--epochs", type=int, default=None)

@@ -279,7 +279,7 @@ class Trainer:
                 status = "interrupted"
                 break
             if max_minutes is not None and time.time() - start_wall > 60 * float(max_minutes) and not state["done"]:
-                status = "interrupted"
+                status = "time_limit"  # finished with the best epoch so far; --resume can continue it
                 break
         if status == "interrupted":
             self.log(f"stopped after epoch {state['epoch']} (resume with --resume --out {self.out})")

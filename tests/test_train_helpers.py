@@ -1,4 +1,4 @@
-"""Shared helpers of the training-driver tests (tests/test_train_*.py)."""
+"""Shared helpers of the training-driver tests (imported by the other tests/test_train_*.py; no tests here)."""
 import os
 from pathlib import Path
 
