@@ -21,6 +21,7 @@
 #include "rcekd_cpu.h"
 
 #include "../checks.h"
+#include "../rng.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -45,26 +46,9 @@ using u128 = unsigned __int128;
 
 constexpr int64_t kOfficialCap = 50;
 
-// ------------------------------------------------------------------ RNG (spec 4)
-inline u32 lowbias32(u32 x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
-
-inline u32 row_key(int64_t seed, int64_t row_id) {
-  const u32 k1 = lowbias32(static_cast<u32>(static_cast<u64>(seed)) ^ 0x9E3779B9u);
-  return lowbias32(k1 ^ static_cast<u32>(static_cast<u64>(row_id)));
-}
-
-inline double uniform01(u32 k2, int64_t item) {
-  const u32 h = lowbias32(k2 ^ static_cast<u32>(static_cast<u64>(item)));
-  // exact in float64: ((h >> 8) + 0.5) * 2^-24
-  return (static_cast<double>(h >> 8) + 0.5) * 5.9604644775390625e-08;
-}
+// ------------------------------------------------------------------ RNG (spec 4): csrc/rng.h
+using rng::row_key;
+using rng::uniform01;
 
 // ------------------------------------------------------- order-preserving keys
 // Branch-free (the signs of scores are random: a branch would mispredict half the time).

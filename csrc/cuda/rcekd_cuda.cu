@@ -22,6 +22,7 @@
 //      by block reductions over the gathered scores.
 // Offsets into the (B, N) inputs are 64-bit.
 #include "rcekd_cuda.h"
+#include "../rng.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -47,15 +48,8 @@ constexpr size_t kWorkspaceBudget = size_t(512) << 20;   // workspace of one chu
 constexpr int64_t kMinSlice = 2048;                      // items per block of a split row, at least
 constexpr int kOfficialCap = 50;
 
-// ------------------------------------------------------------------ RNG (spec 4)
-__device__ __forceinline__ u32 lowbias32(u32 x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
+// ------------------------------------------------------------------ RNG (spec 4): csrc/rng.h
+using rng::lowbias32;
 
 // ------------------------------------------------------------------ loads / keys
 __device__ __forceinline__ float load_f32(const void* p, int dt, int64_t off) {
@@ -490,7 +484,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishParams p) {
   const int n_out = sh_n_out;
 
   // 4. Gumbel keys of the pool: c / T + g
-  const u32 k2 = lowbias32(lowbias32(p.seed ^ 0x9E3779B9u) ^ static_cast<u32>(static_cast<u64>(p.row_ids[row])));
+  const u32 k2 = rng::row_key(static_cast<int64_t>(p.seed), p.row_ids[row]);
   for (int64_t q = tid; q < M; q += nt) {
     const int incl = mark[q];
     const int excl = q > 0 ? mark[q - 1] : 0;
