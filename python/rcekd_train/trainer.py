@@ -60,6 +60,15 @@ def model_hparams(cfg: Dict) -> Dict:
     return {k: v for k, v in cfg["model"].items() if k != "name"}
 
 
+def _accumulate(sums: Dict, values: Dict) -> None:
+    """Adds detached values (tensors stay on their device, no host synchronisation) into ``sums``."""
+    for k, v in values.items():
+        if v is None:
+            continue
+        v = v.detach() if isinstance(v, torch.Tensor) else v
+        sums[k] = sums[k] + v if k in sums else v
+
+
 def _atomic_save(obj, path: str) -> None:
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -207,8 +216,10 @@ class Trainer:
                 kd.on_epoch_start(model, epoch)
             t1 = time.time()
             model.train()
-            sums = {"loss": 0.0, "base_loss": 0.0, "kd_loss": 0.0}
-            diag_sums, n_batches = {}, 0
+            # running sums stay on the device (0-dim tensors): a step never waits for the host; they are
+            # read once, at the end of the epoch (and by the progress bar at most once per refresh)
+            sums, diag_sums, n_batches = {"loss": 0.0, "base_loss": 0.0, "kd_loss": 0.0}, {}, 0
+            last_postfix = time.time()
             batches = model.batches(self.data, int(t["batch_size"]), gen)
             bar = None
             if progress:
@@ -228,19 +239,17 @@ class Trainer:
                 opt.step()
                 state["step"] += 1
                 n_batches += 1
-                sums["loss"] += float(loss.detach())
-                sums["base_loss"] += float(base.detach())
-                sums["kd_loss"] += float(kd_loss.detach()) if kd_loss is not None else 0.0
-                for k, v in diag.items():
-                    diag_sums[k] = diag_sums.get(k, 0.0) + v
-                if bar is not None:
+                _accumulate(sums, {"loss": loss, "base_loss": base, "kd_loss": kd_loss})
+                _accumulate(diag_sums, diag)
+                if bar is not None and time.time() - last_postfix >= bar.mininterval:
+                    last_postfix = time.time()
                     bar.set_postfix(loss=f"{float(loss):.4g}", base=f"{float(base):.4g}")
             if bar is not None:
                 bar.close()
             t2 = time.time()
             row = {"epoch": epoch + 1}
-            row.update({k: v / max(n_batches, 1) for k, v in sums.items()})
-            row.update({k: v / max(n_batches, 1) for k, v in diag_sums.items()})
+            row.update({k: float(v) / max(n_batches, 1) for k, v in sums.items()})
+            row.update({k: float(v) / max(n_batches, 1) for k, v in diag_sums.items()})
             row["time_kd_refresh_s"] = t1 - t0
             row["time_train_s"] = t2 - t1
             improved = False

@@ -46,9 +46,11 @@ def gumbel_topk(log_weights: Tensor, k: int, generator: torch.Generator) -> Tens
     return torch.topk(keys, k, dim=1).indices
 
 
-def wmean(x: Tensor, w: Tensor) -> float:
-    """Weighted mean of a per-row quantity (for diagnostics)."""
-    return float((x.detach().to(w.dtype) * w).sum() / w.sum().clamp_min(1))
+def wmean(x: Tensor, w: Tensor) -> Tensor:
+    """Weighted mean of a per-row quantity (for diagnostics): a detached 0-dim tensor on the rows'
+    device, so that a training step does not wait for the host."""
+    with torch.no_grad():
+        return (x.detach().to(w.dtype) * w).sum() / w.sum().clamp_min(1)
 
 
 class KDMethod:
@@ -78,13 +80,23 @@ class KDMethod:
         """The loss of each (distinct) user (B,) and diagnostics (means weighted by ``weights``)."""
         raise NotImplementedError
 
+    def dedup_users(self) -> bool:
+        """Whether ``batch_loss`` computes each distinct user once: worth it where a row is costly
+        (full rows of N items); ``torch.unique`` makes the host wait for the device, so methods whose
+        rows are cheap compute one row per occurrence instead (same loss and gradient)."""
+        return True
+
     def batch_loss(self, users: Tensor, user_vecs: Tensor, item_vecs: Tensor, step: int) -> Tuple[Tensor, Dict]:
-        """The reduced KD loss of a batch (users may repeat: each distinct user is computed once)."""
-        uniq, inv, counts = torch.unique(users, return_inverse=True, return_counts=True)
-        first = torch.full((len(uniq),), len(users), dtype=torch.long, device=users.device)
-        first.scatter_reduce_(0, inv, torch.arange(len(users), device=users.device), reduce="amin")
-        w = counts.to(user_vecs.dtype)
-        rows, diag = self.rows(uniq, user_vecs[first], item_vecs, step, w)
+        """The reduced KD loss of a batch (users may repeat; see ``dedup_users``)."""
+        if self.dedup_users():
+            uniq, inv, counts = torch.unique(users, return_inverse=True, return_counts=True)
+            first = torch.full((len(uniq),), len(users), dtype=torch.long, device=users.device)
+            first.scatter_reduce_(0, inv, torch.arange(len(users), device=users.device), reduce="amin")
+            w = counts.to(user_vecs.dtype)
+            rows, diag = self.rows(uniq, user_vecs[first], item_vecs, step, w)
+        else:
+            w = torch.ones(users.shape, dtype=user_vecs.dtype, device=users.device)
+            rows, diag = self.rows(users, user_vecs, item_vecs, step, w)
         red = self.hp.get("reduction", "sum")
         if red == "sum":
             loss = (rows * w).sum()

@@ -41,6 +41,10 @@ class RCEKD(KDMethod):
     def topk_needed(self):
         return self.hp["K"]
 
+    def dedup_users(self) -> bool:
+        # per-epoch refresh: a row is 2K + L gathered scores, cheaper than the unique's synchronisation
+        return self.hp["refresh"] == "batch"
+
     def _validate(self) -> bool:
         v = self.hp["validate"]
         if v == "first":
@@ -92,6 +96,6 @@ class RCEKD(KDMethod):
                                      seed=mix_seed(self.seed, step, 2), row_ids=users, exclude=exclude,
                                      reduction="none", validate=self._validate(), return_diagnostics=True,
                                      **self._common())
-            out = {"gamma": float(diag["gamma"]), "q1_frac": float(diag["q1_frac"])}
-        out.update(L1=float(diag["L1"]), L2=float(diag["L2"]))
+            out = {"gamma": diag["gamma"], "q1_frac": diag["q1_frac"]}
+        out.update(L1=diag["L1"], L2=diag["L2"])  # detached 0-dim tensors: no host synchronisation
         return rows, out

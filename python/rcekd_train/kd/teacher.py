@@ -101,6 +101,6 @@ class FrozenTeacher:
 
     @torch.no_grad()
     def score_rows(self, users: Tensor) -> Tensor:
-        """Full teacher rows (B, N) of one batch (each distinct user computed once)."""
-        uniq, inv = torch.unique(users, return_inverse=True)
-        return (self.user_vecs[uniq] @ self.item_vecs.T)[inv]
+        """Full teacher rows (B, N) of one batch (callers pass distinct users; no ``torch.unique`` here,
+        which would make the host wait for the device)."""
+        return self.user_vecs[users] @ self.item_vecs.T

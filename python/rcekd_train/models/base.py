@@ -75,6 +75,14 @@ class Recommender(nn.Module):
         return torch.cat(parts), items
 
 
+def to_device(x: Tensor, device) -> Tensor:
+    """A host tensor on ``device``: through pinned memory and a non-blocking copy for a GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 class PairBatches:
     """BPR batches: every training pair once per epoch, shuffled, each with one negative item drawn
     uniformly from the items the user has not interacted with in train."""
@@ -101,9 +109,12 @@ class PairBatches:
     def __call__(self, generator: torch.Generator):
         neg = self.sample_negatives(self.users, generator)
         perm = torch.randperm(len(self.users), generator=generator)
+        # the epoch's pairs move to the device once (pinned, non-blocking); batches are views of them,
+        # so a training step neither copies nor waits for the host
+        epoch = to_device(torch.stack([self.users[perm], self.items[perm], neg[perm]]), self.device)
         for s in range(0, len(perm), self.batch_size):
-            b = perm[s:s + self.batch_size]
-            yield (self.users[b].to(self.device), self.items[b].to(self.device), neg[b].to(self.device))
+            b = epoch[:, s:s + self.batch_size]
+            yield (b[0], b[1], b[2])
 
 
 class UserBatches:
@@ -118,8 +129,9 @@ class UserBatches:
 
     def __call__(self, generator: torch.Generator):
         perm = torch.randperm(len(self.users), generator=generator)
+        users = to_device(self.users[perm], self.device)
         for s in range(0, len(perm), self.batch_size):
-            yield self.users[perm[s:s + self.batch_size]].to(self.device)
+            yield users[s:s + self.batch_size]
 
 
 def bpr_loss(user_vecs: Tensor, item_vecs: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
