@@ -19,6 +19,7 @@ more read of the inputs, which a training loop that has checked its data skips.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -64,6 +65,32 @@ def device_name(device: str) -> str:
 _eager_keys = ref.rng.sampling_keys
 
 
+#: provider variants: ``backend[variant]`` runs the backend with these environment settings
+VARIANTS = {"triton[radix]": {"RCEKD_TRITON_SELECT": "radix"}, "triton[bisect]": {"RCEKD_TRITON_SELECT": "bisect"}}
+
+
+def backend_of(provider: str) -> str:
+    return provider.split("[", 1)[0]
+
+
+@contextlib.contextmanager
+def provider_env(provider: str):
+    """Sets a provider variant's environment (e.g. ``triton[radix]``) for the enclosed calls."""
+    if "[" in provider and provider not in VARIANTS:
+        raise ValueError(f"unknown provider variant {provider!r}; known: {sorted(VARIANTS)}")
+    env = VARIANTS.get(provider, {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def make_step(provider: str, op: str, a):
     """A callable running one timed step; ``prep`` builds fresh state outside the timing."""
     hp = dict(K=a.K, M=a.M, L=a.L, tau=1.0, T=10.0, beta=5.0, mode=a.mode)
@@ -90,7 +117,8 @@ def make_step(provider: str, op: str, a):
         return lambda s, t, seed: backward(s, t, forward(s, t, seed))
 
     def loss(s, t, seed):
-        return R.rce_kd_loss(s, t, row_ids=rows, seed=seed, reduction="sum", backend=provider, validate=False, **hp)
+        return R.rce_kd_loss(s, t, row_ids=rows, seed=seed, reduction="sum", backend=backend_of(provider),
+                             validate=False, **hp)
 
     if op == "fwd":
         return lambda s, t, seed: loss(s, t, seed)
@@ -166,7 +194,7 @@ def run_select_epoch(a):
                 # scores of a chunk are produced by the model; here one buffer stands for them
                 parts.append(R.select(s_chunk[:n], None, topk[:n], K=a.K, M=a.M, L=a.L, mode=a.mode, seed=i,
                                       row_ids=torch.arange(start, start + n, device=a.device),
-                                      backend=a.provider, validate=False))
+                                      backend=backend_of(a.provider), validate=False))
             return R.Selection.cat(parts)
         ms, _ = timed(epoch, a.device)
         if i >= a.warmup:
@@ -234,7 +262,8 @@ def quantiles(xs):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--providers", nargs="+", default=["reference"],
-                   help="backends to time (reference, triton, cpp, cuda) and/or 'compile'")
+                   help="backends to time (reference, triton, cpp, cuda), 'compile' (torch.compile of the "
+                        "reference) and variants: triton[radix] (radix threshold search), triton[bisect]")
     p.add_argument("--ops", nargs="+", default=["fwd", "bwd", "fwdbwd"], choices=OPS)
     p.add_argument("--B", type=int, default=256, help="rows per batch (chunk size for select_epoch)")
     p.add_argument("--N", type=int, nargs="+", default=[25181], help="items per row")
@@ -268,7 +297,8 @@ def main(argv=None):
                     for op in a.ops:
                         c = argparse.Namespace(**{**vars(a), "N": N, "dtype": dtype, "provider": provider, "op": op})
                         try:
-                            times = run_case(c)
+                            with provider_env(provider):
+                                times = run_case(c)
                         except Exception as e:  # one failing provider must not lose the others' rows
                             print(f"{op:12s} {provider:10s} N={N} {dtype}: FAILED {type(e).__name__}: {e}")
                             continue
@@ -277,7 +307,8 @@ def main(argv=None):
                         grad_mb = c.B * N * elt / 2**20
                         traffic = {"fwd": 2 * grad_mb, "bwd": grad_mb, "fwdbwd": 3 * grad_mb,
                                    "select_epoch": a.users * N * elt / 2**20}[op]
-                        mem = float("nan") if a.no_memory or op != "fwdbwd" else peak_extra_mb(c)
+                        with provider_env(provider):
+                            mem = float("nan") if a.no_memory or op != "fwdbwd" else peak_extra_mb(c)
                         row = dict(op=op, provider=provider, mode=a.mode, B=c.B, N=N, K=a.K, M=a.M, L=a.L,
                                    dtype=dtype, p20_ms=p20, p50_ms=p50, p80_ms=p80, repeats=a.repeats,
                                    peak_extra_mb=round(mem, 2), grad_mb=round(grad_mb, 2),

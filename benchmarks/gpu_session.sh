@@ -2,7 +2,7 @@
 # Everything a lent GPU session runs, in two stages (so a failure in one leaves the other):
 #
 #   bash benchmarks/gpu_session.sh test     build with CUDA, GPU tests of every backend
-#   bash benchmarks/gpu_session.sh bench    kernel benchmarks (CSV), copy bandwidth
+#   bash benchmarks/gpu_session.sh bench    copy bandwidth, kernel and end-to-end benchmarks (regenerate.py)
 #
 # Logs and CSVs go to $OUT when set (the device tool), else ./gpu_logs.
 set -uo pipefail
@@ -37,27 +37,13 @@ if [ "$STAGE" = test ]; then
 fi
 
 if [ "$STAGE" = bench ]; then
-    CSV="$OUTDIR/loss_gpu.csv"
-    $PY - <<'EOF' | tee "$OUTDIR/copy_bw.txt"
-import torch
-x = torch.empty(2**30 // 4 * 2, device="cuda")  # 2 GiB
-y = torch.empty_like(x)
-for _ in range(3):
-    y.copy_(x)
-a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-ts = []
-for _ in range(20):
-    a.record(); y.copy_(x); b.record(); b.synchronize(); ts.append(a.elapsed_time(b))
-ts.sort()
-ms = ts[len(ts) // 2]
-print(f"copy_bandwidth_gb_s {2 * x.numel() * 4 / ms / 1e6:.1f} (device-to-device copy of 2 GiB, read + write, median of 20: {ms:.3f} ms) {torch.cuda.get_device_name()}")
-EOF
-    B="$PY benchmarks/bench_loss.py --csv $CSV --device cuda --B 1024 --K 100 --M 200 --L 100"
-    timeout 200 $B --providers triton cuda reference --N 25181 40981 1000000 --dtypes float32 bfloat16 \
-        --ops fwd bwd fwdbwd --repeats 15 --warmup 3 2>&1 | grep -vE "^\s*$|warn" | tee "$OUTDIR/bench.log"
-    timeout 150 $B --providers compile --N 25181 40981 --dtypes float32 --ops fwdbwd --repeats 10 --warmup 3 \
-        2>&1 | grep -E "^(fwd|bwd|fwdbwd|select)" | tee -a "$OUTDIR/bench.log"
-    timeout 100 $B --B 4096 --providers triton cuda reference --ops select_epoch --users 29858 --N 40981 \
-        --repeats 5 --warmup 1 2>&1 | grep -E "^(select)" | tee -a "$OUTDIR/bench.log"
+    # everything benchmarks/regenerate.py measures on this GPU (copy bandwidth, kernels at the Triton
+    # issue's shapes with triton/cuda/reference/compile, end to end on Gowalla when the data is there),
+    # into $OUTDIR: copy_bandwidth_<tag>.txt, loss_<tag>.csv, train_<tag>.csv, plots. Copy them into
+    # benchmarks/results/ and run `python benchmarks/regenerate.py --stages report` to update the README.
+    # Gowalla travels in the ignored folder data/ (cp -r ../shared/data/gowalla data/; carry ["data"]).
+    export RCEKD_DATA="${RCEKD_DATA:-$PWD/data}"
+    timeout "${BENCH_TIMEOUT:-480}" $PY benchmarks/regenerate.py --stages copy kernels train --device cuda \
+        --results "$OUTDIR" 2>&1 | grep -vE "^\s*$|[Ww]arn" | tee "$OUTDIR/bench.log"
     echo "== bench done in $(( $(date +%s) - T0 )) s"
 fi

@@ -92,6 +92,8 @@ def kernel_runs(device: str, quick: bool):
                  "--repeats", "3", "--warmup", "1"]]
     if device.startswith("cuda"):
         provs = [p for p in ("triton", "cuda", "reference") if p in usable]
+        if "triton" in provs:  # both threshold searches of the Triton selection, side by side
+            provs.insert(1, "triton[radix]")
         common = ["--B", "1024", "--K", "100", "--M", "200", "--L", "100"]
         return [
             ["--providers", *provs, *common, "--N", "25181", "40981", "1000000", "--dtypes", "float32", "bfloat16",

@@ -257,6 +257,66 @@ def test_row_split_env_knob(monkeypatch):
     check_select(s, t, topk, ex, rows, 4, 8, 4, 10.0, "paper", 15)
 
 
+if WHY is None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _take_top_kernel(h_ptr, out_ptr, R, NBITS: tl.constexpr, RADIX: tl.constexpr, BLOCK: tl.constexpr):
+        hs = tl.load(h_ptr + tl.arange(0, BLOCK)).to(tl.uint32)
+        take = _common.take_top(hs, R, NBITS, RADIX)
+        tl.store(out_ptr + tl.arange(0, BLOCK), take.to(tl.int32))
+
+
+@pytest.mark.parametrize("nbits", [32, 19, 16])
+def test_take_top_radix_and_bisect_match_brute_force(nbits):
+    """Both threshold searches of the selection's first phase give exactly the R largest lanes
+    (ties at the threshold to the lowest lanes), for the value widths of float32, float16 and
+    bfloat16 images, with heavy ties, all-equal blocks, R = 1 and R = the block."""
+    BLOCK = 256
+    g = torch.Generator().manual_seed(nbits)
+    blocks = [torch.randint(0, 2**nbits, (BLOCK,), generator=g, dtype=torch.int64),
+              torch.randint(0, 4, (BLOCK,), generator=g, dtype=torch.int64) << (nbits - 2),  # 4 distinct values
+              torch.full((BLOCK,), 2**nbits - 1, dtype=torch.int64),                        # all equal (max)
+              torch.zeros(BLOCK, dtype=torch.int64),                                        # all equal (0)
+              (torch.randint(0, 2**nbits, (BLOCK,), generator=g, dtype=torch.int64) | 0xFF) ^ 0xFF]  # low digit 0
+    for h in blocks:
+        for R in (1, 2, 37, 128, BLOCK - 1, BLOCK):
+            # brute force: lanes ordered by (value desc, lane asc), the first R taken
+            order = sorted(range(BLOCK), key=lambda i: (-int(h[i]), i))[:R]
+            want = torch.zeros(BLOCK, dtype=torch.int32)
+            want[order] = 1
+            for radix in (False, True):
+                out = torch.empty(BLOCK, dtype=torch.int32, device=DEV)
+                _take_top_kernel[(1,)](h.to(DEV), out, R, NBITS=nbits, RADIX=radix, BLOCK=BLOCK)
+                assert torch.equal(out.cpu(), want), (nbits, R, radix, h[:8])
+
+
+def test_radix_select_matches_reference(monkeypatch):
+    """The whole select and fused paths with the radix threshold search (float32, bfloat16 and
+    float16 rows, ties, exclusion, rows split over chunks and merged)."""
+    monkeypatch.setenv("RCEKD_TRITON_SELECT", "radix")
+    for case in (CASES[4], CASES[5], CASES[6]):
+        B, N, K, M, L, mode, T, o = _split(case)
+        s, t, topk, ex, rows = make_case(B, N, K, M, L, **o)
+        check_select(s, t, topk, ex, rows, K, M, L, T, mode, o.get("seed", 0))
+        check_fused(s, t, topk, ex, rows, K, M, L, 0.7, T, 3.0, mode, o.get("seed", 0))
+    monkeypatch.setenv("RCEKD_TRITON_CHUNK", "64")
+    s, t, topk, ex, rows = make_case(3, 700, 8, 20, 10, exclude=0.3, ties=True, seed=13)
+    check_select(s, t, topk, ex, rows, 8, 20, 10, 10.0, "paper", 13)
+    check_fused(s, t, topk, ex, rows, 8, 20, 10, 1.0, 10.0, 5.0, "official", 13)
+
+
+def test_select_algo_knob(monkeypatch):
+    monkeypatch.setenv("RCEKD_TRITON_SELECT", "Radix")
+    assert _common.select_algo() == "radix"
+    monkeypatch.delenv("RCEKD_TRITON_SELECT")
+    assert _common.select_algo() == "bisect"
+    monkeypatch.setenv("RCEKD_TRITON_SELECT", "heap")
+    with pytest.raises(ValueError, match="RCEKD_TRITON_SELECT must be one of"):
+        _common.select_algo()
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_subset_ops(dtype):
     g = torch.Generator().manual_seed(16)
@@ -426,9 +486,13 @@ rows = dict(s_ptr="*bf16", t_ptr="*fp32", ex_ptr="*u8", pool_ptr="*i64", tq_ptr=
             counts_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32", T="fp32", tau="fp32", beta="fp32", K_f="fp32")
 jobs = [
     (S._chunk_top_kernel, dict(src_ptr="*fp32", ex_ptr="*u8", out_ptr="*i64"),
-     dict(KEYS=False, HAS_EX=True, LOW=0, CH=4096), 8),
+     dict(KEYS=False, HAS_EX=True, LOW=0, CH=4096, RADIX=False), 8),
     (S._chunk_top_kernel, dict(src_ptr="*i64", ex_ptr="*u8", out_ptr="*i64"),
-     dict(KEYS=True, HAS_EX=False, LOW=16, CH=4096), 8),
+     dict(KEYS=True, HAS_EX=False, LOW=16, CH=4096, RADIX=False), 8),
+    (S._chunk_top_kernel, dict(src_ptr="*fp32", ex_ptr="*u8", out_ptr="*i64"),
+     dict(KEYS=False, HAS_EX=True, LOW=0, CH=4096, RADIX=True), 8),
+    (S._chunk_top_kernel, dict(src_ptr="*bf16", ex_ptr="*u8", out_ptr="*i64"),
+     dict(KEYS=False, HAS_EX=False, LOW=16, CH=4096, RADIX=True), 8),
     (S._rows_kernel, rows, dict(FUSED=False, BLOCK_K=16, BLOCK_M=32, LOG_M=6), 2),
     (S._rows_kernel, rows, dict(FUSED=True, BLOCK_K=16, BLOCK_M=32, LOG_M=6), 2),
     (SC._subset_kernel, dict(s_ptr="*bf16", t_ptr="*fp32", q2_ptr="*u8", gam_ptr="*fp32", gr_ptr="*fp32",
@@ -499,15 +563,18 @@ def test_random_configurations():
         chunk = rnd.choice([None, None, None, 256])
         if chunk:
             os.environ["RCEKD_TRITON_CHUNK"] = str(chunk)
+        algo = rnd.choice(["bisect", "radix"])
+        os.environ["RCEKD_TRITON_SELECT"] = algo
         try:
             s, t, topk, ex, rows = make_case(B, N, K, M, L, **o)
             exc = check_select(s, t, topk, ex, rows, K, M, L, T, mode, i)
             exc2 = check_fused(s, t, topk, ex, rows, K, M, L, tau, T, beta, mode, i)
         except AssertionError as e:
             raise AssertionError(f"config {i}: B={B} N={N} K={K} M={M} L={L} {o} mode={mode} T={T} "
-                                 f"tau={tau} beta={beta} chunk={chunk}: {e}") from e
+                                 f"tau={tau} beta={beta} chunk={chunk} select={algo}: {e}") from e
         finally:
             os.environ.pop("RCEKD_TRITON_CHUNK", None)
+            os.environ.pop("RCEKD_TRITON_SELECT", None)
         n_excused += int((exc | exc2).sum())
         n_rows += B
     print(f"\n1000 random configurations in {time.time() - t0:.1f} s, {n_excused} of {n_rows} rows excused")
@@ -515,9 +582,11 @@ def test_random_configurations():
 
 
 @gpu_only
+@pytest.mark.parametrize("algo", ["bisect", "radix"])
 @pytest.mark.parametrize("dtype", [F32, BF16])
 @pytest.mark.parametrize("N", [25181, 40981])
-def test_benchmark_shapes(dtype, N):
+def test_benchmark_shapes(dtype, N, algo, monkeypatch):
+    monkeypatch.setenv("RCEKD_TRITON_SELECT", algo)
     B, K, M, L = 1024, 100, 200, 100
     for mode, given in (("paper", False), ("official", True)):
         s, t, topk, ex, rows = make_case(B, N, K, M, L, dtype=dtype, given=given, seed=N)

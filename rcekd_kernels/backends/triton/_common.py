@@ -10,11 +10,12 @@ Jit helpers (used by the kernels of ``selection.py``, ``subset_ce.py`` and ``fus
                 order (larger score, ties to the smaller item id); unique per item
 ``kth_prefix``  bisection over the bits: the R-th largest value, or an earlier prefix
                 that already has exactly R values at or above it
+``kth_radix``   radix selection (8-bit digits, one histogram each): the R-th largest value
 ``take_top``    the R largest of a block (ties at the threshold taken in lane order)
 ``key_item``    the item id stored in a composite key
 
 Launcher utilities: the row-split chunk size knob (:data:`CHUNK`, env
-``RCEKD_TRITON_CHUNK``), the limit on K, M, L (:data:`MAX_KM`), block sizes, and
+``RCEKD_TRITON_CHUNK``), the threshold search (:func:`select_algo`, env ``RCEKD_TRITON_SELECT``), the limit on K, M, L (:data:`MAX_KM`), block sizes, and
 :func:`rng_values` (the kernels' hash and Gumbel numbers, for tests).
 """
 from __future__ import annotations
@@ -48,6 +49,19 @@ def interpreting() -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(ord_key, InterpretedFunction)
+
+
+#: How the selection's first phase finds a chunk's R-th largest score: ``bisect`` (one
+#: block-wide count per bit, up to 32) or ``radix`` (one 256-bin histogram per 8-bit digit,
+#: at most 4). Read at every launch (env ``RCEKD_TRITON_SELECT``), so benchmarks can compare.
+SELECT_ALGOS = ("bisect", "radix")
+
+
+def select_algo() -> str:
+    algo = os.environ.get("RCEKD_TRITON_SELECT", "bisect").strip().lower() or "bisect"
+    if algo not in SELECT_ALGOS:
+        raise ValueError(f"RCEKD_TRITON_SELECT must be one of {SELECT_ALGOS}, got {algo!r}")
+    return algo
 
 
 def chunk_size(R: int) -> int:
@@ -201,10 +215,40 @@ def kth_prefix(hs, R, NBITS: tl.constexpr):
 
 
 @triton.jit
-def take_top(hs, R, NBITS: tl.constexpr):
+def kth_radix(hs, R, NBITS: tl.constexpr):
+    """The R-th largest value of the uint32 tensor hs (values < 2**NBITS, hs.numel >= R) by
+    radix selection: 8-bit digits from the top, one 256-bin histogram of the lanes that still
+    match the prefix per digit (4 passes for float32, 2 for bfloat16, 3 for float16)."""
+    NPASS: tl.constexpr = (NBITS + 7) // 8
+    bins = tl.arange(0, 256)
+    prefix = tl.zeros((), tl.uint32)
+    need = tl.zeros((), tl.int32) + R  # lanes still to take from those matching the prefix
+    for p in tl.static_range(NPASS):
+        shift = (NPASS - 1 - p) * 8  # a compile-time value in each unrolled pass
+        digit = ((hs >> shift) & 0xFF).to(tl.int32)
+        if p == 0:
+            hist = tl.histogram(digit, 256)
+        else:
+            active = (hs >> (shift + 8)) == (prefix >> (shift + 8))
+            hist = tl.histogram(digit, 256, mask=active)
+        # ge[d] = number of matching lanes whose digit is >= d; the digit of the R-th largest is
+        # the largest d with ge[d] >= need
+        ge = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist
+        d = tl.max(tl.where(ge >= need, bins, 0), 0)
+        need = need - tl.sum(tl.where(bins > d, hist, 0), 0)
+        prefix = prefix | (d.to(tl.uint32) << shift)
+    return prefix
+
+
+@triton.jit
+def take_top(hs, R, NBITS: tl.constexpr, RADIX: tl.constexpr = False):
     """Mask of the R largest lanes of hs; ties at the threshold go to the lower lanes.
-    (When the search stopped early, every lane >= thr is taken: need = #{hs == thr}.)"""
-    thr = kth_prefix(hs, R, NBITS)
+    The threshold by radix selection (RADIX) or bisection over the bits (when that search
+    stopped early, every lane >= thr is taken: need = #{hs == thr})."""
+    if RADIX:
+        thr = kth_radix(hs, R, NBITS)
+    else:
+        thr = kth_prefix(hs, R, NBITS)
     above = hs > thr
     at = hs == thr
     need = R - tl.sum(above.to(tl.int32), 0)

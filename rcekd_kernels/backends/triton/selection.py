@@ -42,7 +42,8 @@ from .subset_ce import ce_one, ce_two
 # ----------------------------------------------------------------------------- phase 1
 @triton.jit(do_not_specialize=["src_s0", "ex_s0", "n_in", "n_chunks", "R"])
 def _chunk_top_kernel(src_ptr, src_s0, src_s1, ex_ptr, ex_s0, ex_s1, out_ptr, n_in, n_chunks, R,
-                      KEYS: tl.constexpr, HAS_EX: tl.constexpr, LOW: tl.constexpr, CH: tl.constexpr):
+                      KEYS: tl.constexpr, HAS_EX: tl.constexpr, LOW: tl.constexpr, CH: tl.constexpr,
+                      RADIX: tl.constexpr):
     pid = tl.program_id(0)
     row = pid // n_chunks
     chunk = pid - row * n_chunks
@@ -61,7 +62,7 @@ def _chunk_top_kernel(src_ptr, src_s0, src_s1, ex_ptr, ex_s0, ex_s1, out_ptr, n_
             valid = valid & (e == 0)
         hi = tl.where(valid, ord_key(x), 0)
         key = tl.where(valid, composite(hi, cols), 0)
-    take = take_top(hi >> LOW, R, 32 - LOW)
+    take = take_top(hi >> LOW, R, 32 - LOW, RADIX)
     slot = tl.cumsum(take.to(tl.int32), 0) - 1
     dst = out_ptr + row64 * n_chunks * R + chunk * R
     tl.store(dst + slot, key.to(tl.int64, bitcast=True), mask=take)
@@ -76,16 +77,19 @@ def top_keys(x: torch.Tensor, exclude, R: int) -> torch.Tensor:
     out = torch.empty((B, n_chunks * R), dtype=torch.int64, device=x.device)
     ex = C.dummy_u8(x.device) if exclude is None else C.as_u8(exclude)
     warps = C.warps_for(CH)
+    radix = C.select_algo() == "radix"
     _chunk_top_kernel[(B * n_chunks,)](
         x, x.stride(0), x.stride(1), ex, ex.stride(0), ex.stride(1), out, N, n_chunks, R,
-        KEYS=False, HAS_EX=exclude is not None, LOW=low, CH=CH, num_warps=warps)
+        KEYS=False, HAS_EX=exclude is not None, LOW=low, CH=CH,
+        RADIX=radix, num_warps=warps)
     while n_chunks > 1:  # merge: the top-R of the union of the chunks' top-Rs
         src, n_in = out, n_chunks * R
         n_chunks = triton.cdiv(n_in, CH)
         out = torch.empty((B, n_chunks * R), dtype=torch.int64, device=x.device)
         _chunk_top_kernel[(B * n_chunks,)](
             src, n_in, 1, src, 0, 0, out, n_in, n_chunks, R,
-            KEYS=True, HAS_EX=False, LOW=low, CH=CH, num_warps=warps)
+            KEYS=True, HAS_EX=False, LOW=low, CH=CH, RADIX=radix,
+            num_warps=warps)
     return out
 
 
