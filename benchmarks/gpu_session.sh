@@ -45,5 +45,10 @@ if [ "$STAGE" = bench ]; then
     export RCEKD_DATA="${RCEKD_DATA:-$PWD/data}"
     timeout "${BENCH_TIMEOUT:-480}" $PY benchmarks/regenerate.py --stages copy kernels train --device cuda \
         --results "$OUTDIR" 2>&1 | grep -vE "^\s*$|[Ww]arn" | tee "$OUTDIR/bench.log"
+    # where the time of the fused step goes (kernels against host overhead), both threshold searches
+    for P in triton "triton[radix]"; do
+        timeout 90 $PY benchmarks/profile_loss.py --provider "$P" --B 1024 --N 25181 \
+            --out "$OUTDIR/profile_${P//[^a-z]/_}_gpu.txt" 2>&1 | sed -n 1,30p
+    done
     echo "== bench done in $(( $(date +%s) - T0 )) s"
 fi

@@ -92,3 +92,14 @@ def test_regenerate_quick_end_to_end(tmp_path):
     for name in ("loss_quick.png", "roofline_quick.png", "train_quick.png", "copy_bandwidth_quick.txt"):
         assert (tmp_path / name).exists(), name
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_profile_report_names_the_ops(tmp_path):
+    import profile_loss
+
+    out = tmp_path / "p.txt"
+    assert profile_loss.main(["--provider", "reference", "--B", "4", "--N", "300", "--K", "10", "--M", "20",
+                              "--L", "5", "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "wall per forward+backward (median)" in text
+    assert "rcekd::fused_fwd" in text and "rcekd::fused_bwd" in text  # the custom ops were profiled
