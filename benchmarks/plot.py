@@ -167,7 +167,7 @@ def plot_train(rows, out_dir, tag):
     if plt is None or not rows:
         return []
     parts = [("base_ms", "base"), ("teacher_ms", "teacher"), ("kd_ms", "kd"), ("backward_opt_ms", "backward+opt"),
-             ("refresh", "refresh (per step)")]
+             ("refresh", "refresh (per step)"), ("prep", "batch preparation (per step)")]
     keyed = {}
     for r in rows:  # the last row of each case
         keyed[(r["dataset"], r["model"], r["protocol"], r["backend"])] = r
@@ -178,8 +178,8 @@ def plot_train(rows, out_dir, tag):
         xs = list(range(len(cases)))
         bottom = [0.0] * len(cases)
         for i, (col, lab) in enumerate(parts):
-            if col == "refresh":
-                vals = [float(r["refresh_s"]) * 1e3 / max(float(r["steps_per_epoch"]), 1) for r in cases]
+            if col in ("refresh", "prep"):
+                vals = [float(r.get(f"{col}_s") or 0) * 1e3 / max(float(r["steps_per_epoch"]), 1) for r in cases]
             else:
                 vals = [float(r[col] or 0) for r in cases]
             ax.bar(xs, vals, bottom=bottom, label=lab, color=f"C{i}")
@@ -243,13 +243,14 @@ def train_table(rows, src):
     for r in rows:
         keyed[(r["dataset"], r["model"], r["protocol"], r["backend"])] = r
     out = [_provenance(rows, src), "",
-           "| dataset | model | protocol | backend | epoch s | refresh s | step ms | base | teacher | kd | "
-           "backward+opt | KD / student | peak MB |", "|" + " --- |" * 13]
+           "| dataset | model | protocol | backend | epoch s | prep s | refresh s | step ms | base | teacher | kd | "
+           "backward+opt | KD / student | peak MB |", "|" + " --- |" * 14]
     for r in keyed.values():
         proto = "student alone" if r["protocol"] == "none" else f"per {r['protocol']}"
         ratio = f"{float(r['ratio_vs_student']):.2f}x" if r.get("ratio_vs_student") else "-"
+        prep = f"{float(r['prep_s']):.2f}" if r.get("prep_s") not in (None, "") else "-"
         out.append(f"| {r['dataset']} | {r['model']} | {proto} | {r['backend']} | {float(r['epoch_s']):.1f} | "
-                   f"{float(r['refresh_s']):.2f} | {float(r['step_ms']):.1f} | {float(r['base_ms']):.1f} | "
+                   f"{prep} | {float(r['refresh_s']):.2f} | {float(r['step_ms']):.1f} | {float(r['base_ms']):.1f} | "
                    f"{float(r['teacher_ms']):.1f} | {float(r['kd_ms']):.1f} | {float(r['backward_opt_ms']):.1f} | "
                    f"{ratio} | {r['peak_mb']} |")
     return "\n".join(out)

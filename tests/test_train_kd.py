@@ -121,7 +121,11 @@ def test_rcekd_per_epoch_matches_hand_formula(setting, mode):
         want = want + l
         gammas.append(g)
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
-    assert diag["gamma"] == pytest.approx(np.mean(gammas), rel=1e-5)
+    # the epoch's diagnostics: means over all users of the epoch's sets
+    assert float(diag["gamma"]) == pytest.approx(float(sel.gamma.double().mean()), rel=1e-5)
+    assert float(diag["q1_frac"]) == pytest.approx(float(sel.n_q1.double().mean()) / K, rel=1e-5)
+    # gamma by the hand formula of the mode, for the batch's rows
+    assert gammas == pytest.approx([float(sel.gamma[u]) for u in users.tolist()], rel=1e-5)
     want.backward()
     assert torch.allclose(got_grad, student.user_emb.weight.grad, rtol=1e-4, atol=1e-5)
     student.zero_grad()

@@ -18,7 +18,7 @@ samples.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -46,13 +46,6 @@ def gumbel_topk(log_weights: Tensor, k: int, generator: torch.Generator) -> Tens
     return torch.topk(keys, k, dim=1).indices
 
 
-def wmean(x: Tensor, w: Tensor) -> Tensor:
-    """Weighted mean of a per-row quantity (for diagnostics): a detached 0-dim tensor on the rows'
-    device, so that a training step does not wait for the host."""
-    with torch.no_grad():
-        return (x.detach().to(w.dtype) * w).sum() / w.sum().clamp_min(1)
-
-
 class KDMethod:
     name = "base"
     #: hyperparameters and their defaults (the config's kd section is checked against them)
@@ -75,9 +68,10 @@ class KDMethod:
     def on_epoch_start(self, student, epoch: int) -> None:
         self.epoch = epoch
 
-    def rows(self, users: Tensor, user_vecs: Tensor, item_vecs: Tensor, step: int, weights: Tensor
+    def rows(self, users: Tensor, user_vecs: Tensor, item_vecs: Tensor, step: int, weights: Optional[Tensor]
              ) -> Tuple[Tensor, Dict]:
-        """The loss of each (distinct) user (B,) and diagnostics (means weighted by ``weights``)."""
+        """The loss of each (distinct) user (B,) and diagnostics (means weighted by ``weights``, the
+        users' counts in the batch; None when every row is one occurrence)."""
         raise NotImplementedError
 
     def dedup_users(self) -> bool:
@@ -95,16 +89,15 @@ class KDMethod:
             w = counts.to(user_vecs.dtype)
             rows, diag = self.rows(uniq, user_vecs[first], item_vecs, step, w)
         else:
-            w = torch.ones(users.shape, dtype=user_vecs.dtype, device=users.device)
+            w = None  # one row per occurrence
             rows, diag = self.rows(users, user_vecs, item_vecs, step, w)
         red = self.hp.get("reduction", "sum")
-        if red == "sum":
-            loss = (rows * w).sum()
-        elif red == "mean":
-            loss = (rows * w).sum() / w.sum().clamp_min(1)
-        else:
+        if red not in ("sum", "mean"):
             raise ValueError(f"kd reduction must be 'sum' or 'mean', got {red!r}")
-        return loss, diag
+        if w is None:
+            return (rows.sum() if red == "sum" else rows.mean()), diag
+        loss = (rows * w).sum()
+        return (loss if red == "sum" else loss / w.sum().clamp_min(1)), diag
 
     # helpers
     @staticmethod
@@ -129,4 +122,4 @@ class NoKD(KDMethod):
         return user_vecs.sum(1) * 0.0, {}
 
 
-__all__ = ["KDMethod", "NoKD", "gumbel_topk", "mix_seed", "wmean", "dot_all", "dot_items"]
+__all__ = ["KDMethod", "NoKD", "gumbel_topk", "mix_seed", "dot_all", "dot_items"]

@@ -10,6 +10,10 @@ Two refresh protocols (spec section 8):
 * ``refresh: batch``: each batch computes the student's full rows (B, N) and the
   teacher's rows of the batch, and calls ``rce_kd_loss`` (sets from the current scores).
 
+Diagnostics: gamma and |Q1|/K are, per epoch, the means over all users of the epoch's
+sets (``refresh: epoch``) or the means over a batch's users (``refresh: batch``); L1 and
+L2 are batch means.
+
 ``mode`` is ``paper`` or ``official`` (see the loss spec). QT comes from the
 teacher's cached top-K. ``exclude_train`` removes the users' training items from the
 catalogue of the loss (the authors' code does not).
@@ -20,7 +24,7 @@ import torch
 
 from rcekd_kernels import Selection, rce_kd_loss, rce_kd_loss_gathered, select
 
-from .base import KDMethod, dot_all, dot_items, mix_seed, wmean
+from .base import KDMethod, dot_all, dot_items, mix_seed
 
 
 class RCEKD(KDMethod):
@@ -72,7 +76,11 @@ class RCEKD(KDMethod):
             exclude = self.data.train_mask_rows(users) if self.hp["exclude_train"] else None
             parts.append(select(dot_all(uv[users], iv), teacher_topk=self.teacher.topk(users, self.hp["K"]),
                                 seed=seed, row_ids=users, exclude=exclude, validate=validate, **self._common()))
-        self.selection = Selection.cat(parts)
+        self.selection = sel = Selection.cat(parts)
+        # what a step reads, prepared once: the 2K + L ids of every user, and the diagnostics of the
+        # epoch's sets (means over all users; constant through the epoch, so not recomputed per step)
+        self.sel_idx = sel.indices
+        self.epoch_diag = {"gamma": sel.gamma.float().mean(), "q1_frac": sel.n_q1.float().mean() / self.hp["K"]}
         # the teacher is frozen and the sets are fixed for the epoch: its scores at the 2K + L items of
         # every user are computed once here instead of in every batch
         all_users = torch.arange(self.data.num_users, device=uv.device)
@@ -81,13 +89,15 @@ class RCEKD(KDMethod):
     def rows(self, users, user_vecs, item_vecs, step, weights):
         h = self.hp
         if h["refresh"] == "epoch":
-            sel = self.selection[users]
-            idx = sel.indices
+            K, L, full = h["K"], h["L"], self.selection
+            idx = self.sel_idx[users]
+            sel = Selection(idx[:, :K], idx[:, K:K + L], idx[:, K + L:], full.q2_mask[users], full.gamma[users],
+                            full.n_q1[users], full.n_qt_sampled[users])
             s_g = dot_items(user_vecs, item_vecs, idx)
             t_g = self.teacher_at_sel[users]
             rows, diag = rce_kd_loss_gathered(s_g, t_g, sel, tau=float(h["tau"]), reduction="none",
                                               backend=h["backend"], return_diagnostics=True)
-            out = {"gamma": wmean(sel.gamma, weights), "q1_frac": wmean(sel.n_q1.float() / h["K"], weights)}
+            out = dict(self.epoch_diag)
         else:
             s = dot_all(user_vecs, item_vecs)
             t = self.teacher.score_rows(users)
