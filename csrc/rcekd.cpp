@@ -2,8 +2,9 @@
 // CPU implementations. The CUDA implementations are registered by
 // cuda_bindings.cpp when the extension is built with CUDA.
 //
-// The five ops take the arguments of the functions of the same names in
-// rcekd_kernels/backends/reference.py and return the same outputs.
+// The five loss ops take the arguments of the functions of the same names in
+// rcekd_kernels/backends/reference.py and return the same outputs; gathered_dot(_bwd)
+// are those of rcekd_kernels/gathered.py (CPU only: on a GPU torch's gather is used).
 #include <Python.h>  // only for the module's init function (import rcekd_kernels._C)
 
 #include <torch/library.h>
@@ -88,6 +89,8 @@ TORCH_LIBRARY(rcekd_C, m) {
   m.def(
       "fused_bwd(Tensor grad_rows, Tensor s, Tensor t, Tensor idx, Tensor q2_mask, Tensor gamma, int K, int L, "
       "float tau) -> Tensor");
+  m.def("gathered_dot(Tensor user_vecs, Tensor item_vecs, Tensor idx) -> Tensor");
+  m.def("gathered_dot_bwd(Tensor grad, Tensor user_vecs, Tensor item_vecs, Tensor idx) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }
 
@@ -97,6 +100,8 @@ TORCH_LIBRARY_IMPL(rcekd_C, CPU, m) {
   m.impl("subset_ce_bwd", &rcekd::cpu::subset_ce_bwd);
   m.impl("fused_fwd", &rcekd::cpu::fused_fwd);
   m.impl("fused_bwd", &rcekd::cpu::fused_bwd);
+  m.impl("gathered_dot", &rcekd::cpu::gathered_dot);
+  m.impl("gathered_dot_bwd", &rcekd::cpu::gathered_dot_bwd);
 }
 
 // `import rcekd_kernels._C` loads this library, which registers the ops above.

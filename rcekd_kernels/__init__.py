@@ -4,6 +4,7 @@ from . import ops  # registers the torch.library custom ops  # noqa: F401
 from .backends import available_backends, describe as describe_backends
 from .backends.native import build_info
 from .functional import RCEKDFunction, Selection, rce_kd_loss, rce_kd_loss_gathered, select
+from .gathered import gathered_dot
 from .modules import RCEKDLoss
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "rce_kd_loss",
     "select",
     "rce_kd_loss_gathered",
+    "gathered_dot",
     "Selection",
     "RCEKDFunction",
     "RCEKDLoss",

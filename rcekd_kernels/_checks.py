@@ -183,3 +183,34 @@ def check_gathered(s_g, t_g, u_mask, gamma, *, K: int, L: int, tau) -> None:
                          f"got {u_mask.dtype} {tuple(u_mask.shape)}")
     if not gamma.dtype.is_floating_point or gamma.shape != (B,):
         raise ValueError(f"gamma must be a float tensor of shape ({B},), got {gamma.dtype} {tuple(gamma.shape)}")
+
+
+def check_gathered_dot(user_vecs, item_vecs, idx, *, validate: bool) -> None:
+    """Checks of ``gathered_dot(user_vecs (B, D), item_vecs (N, D), idx (B, W))``; with
+    ``validate`` the ids are read (one pass, a host synchronisation) and must lie in [0, N)."""
+    for name, x in (("user_vecs", user_vecs), ("item_vecs", item_vecs)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"idx must be a torch.Tensor, got {type(idx).__name__}")
+    B, D = user_vecs.shape
+    if item_vecs.shape[1] != D:
+        raise ValueError(f"user_vecs (B, D) = {tuple(user_vecs.shape)} and item_vecs (N, D) = "
+                         f"{tuple(item_vecs.shape)} must have the same D")
+    if item_vecs.dtype != user_vecs.dtype:
+        raise TypeError(f"user_vecs and item_vecs must have one dtype, got {user_vecs.dtype} and {item_vecs.dtype}")
+    if idx.dtype != torch.int64 or idx.dim() != 2 or idx.shape[0] != B:
+        raise ValueError(f"idx must be int64 of shape (B, W) with B = {B}, got {idx.dtype} {tuple(idx.shape)}")
+    for name, x in (("item_vecs", item_vecs), ("idx", idx)):
+        if x.device != user_vecs.device:
+            raise ValueError(f"{name} is on {x.device} but user_vecs is on {user_vecs.device}; "
+                             f"all tensors must be on one device")
+    if validate and idx.numel():
+        N = item_vecs.shape[0]
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= N:
+            raise ValueError(f"idx holds item ids outside [0, {N}): min {lo}, max {hi}")

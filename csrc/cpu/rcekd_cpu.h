@@ -32,5 +32,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_fwd(
 Tensor fused_bwd(const Tensor& grad_rows, const Tensor& s, const Tensor& t, const Tensor& idx,
                  const Tensor& q2_mask, const Tensor& gamma, int64_t K, int64_t L, double tau);
 
+// out[b, w] = <user_vecs[b], item_vecs[idx[b, w]]> (gathered_cpu.cpp) and its gradient
+Tensor gathered_dot(const Tensor& user_vecs, const Tensor& item_vecs, const Tensor& idx);
+
+std::tuple<Tensor, Tensor> gathered_dot_bwd(const Tensor& grad, const Tensor& user_vecs, const Tensor& item_vecs,
+                                            const Tensor& idx);
+
 }  // namespace cpu
 }  // namespace rcekd

@@ -71,6 +71,11 @@ def load_error() -> Optional[str]:
     return _load_error
 
 
+def ops():
+    """``torch.ops.rcekd_C`` when the extension is loaded, else None."""
+    return _ops
+
+
 def build_info() -> dict:
     """What the compiled extension was built with.
 
