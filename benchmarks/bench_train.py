@@ -17,6 +17,8 @@ epoch time = batch preparation (negatives, shuffle, move to the device; the same
 Parts of a step: ``base`` (the backbone's forward and base loss), ``teacher``
 (teacher scores: full rows per batch in the batch protocol), ``kd`` (the RCE-KD
 loss: sets and CE in the batch protocol, the gathered CE in the epoch protocol),
+``gather`` (the rest of the KD forward: the student's scores at the 2K + L selected
+items, the indexing of the epoch's sets, the reduction),
 ``backward+opt`` (backward and optimizer step). The breakdown synchronises the
 device between parts; the ``step`` column is timed in a separate pass without
 (blocks of consecutive steps with one synchronisation per block, the median over
@@ -49,7 +51,7 @@ from rcekd_train.kd import rcekd as kd_rcekd  # noqa: E402
 from rcekd_train.models import build_model  # noqa: E402
 
 FIELDS = ["dataset", "model", "protocol", "backend", "steps_per_epoch", "step_ms", "base_ms", "teacher_ms",
-          "kd_ms", "backward_opt_ms", "prep_s", "refresh_s", "epoch_s", "ratio_vs_student", "peak_mb", "batch_size", "K",
+          "kd_ms", "gather_ms", "backward_opt_ms", "prep_s", "refresh_s", "epoch_s", "ratio_vs_student", "peak_mb", "batch_size", "K",
           "M", "L", "device", "threads", "torch", "commit", "date"]
 
 
@@ -180,6 +182,7 @@ def run_case(data, dev, model_name, protocol, backend, teacher, a):
         if parts is not None:
             sync(dev)
             t2 = time.perf_counter()
+            parts["kd_step"] = parts.get("kd_step", 0.0) + t2 - t1
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -218,6 +221,10 @@ def run_case(data, dev, model_name, protocol, backend, teacher, a):
                base_ms=round(parts.get("base", 0.0) / n * 1e3, 3),
                teacher_ms=round(clock.t.get("teacher", 0.0) / n * 1e3, 3),
                kd_ms=round(clock.t.get("kd", 0.0) / n * 1e3, 3),
+               # the rest of the KD part of a step: the student's scores at the selected items
+               # (gathered_dot), the indexing of the epoch's sets, the reduction
+               gather_ms=round(max(0.0, parts.get("kd_step", 0.0) - clock.t.get("kd", 0.0)
+                                   - clock.t.get("teacher", 0.0)) / n * 1e3, 3),
                backward_opt_ms=round(parts.get("backward+opt", 0.0) / n * 1e3, 3),
                prep_s=round(prep, 3), refresh_s=round(refresh, 3),
                epoch_s=round(prep + refresh + steps_per_epoch * step_ms / 1e3, 3),
@@ -280,6 +287,7 @@ def main(argv=None):
                     print(f"{a.dataset} {model_name:9s} {protocol:6s} {row['backend']:10s} epoch {row['epoch_s']:9.2f} s "
                           f"(prep {row['prep_s']:.2f} s + refresh {row['refresh_s']:.2f} s + {row['steps_per_epoch']} x {row['step_ms']:.2f} ms: "
                           f"base {row['base_ms']:.2f}, teacher {row['teacher_ms']:.2f}, kd {row['kd_ms']:.2f}, "
+                          f"gather {row['gather_ms']:.2f}, "
                           f"bwd+opt {row['backward_opt_ms']:.2f}) ratio {row['ratio_vs_student']} "
                           f"peak {row['peak_mb']} MB", flush=True)
     return 0

@@ -166,7 +166,8 @@ def plot_train(rows, out_dir, tag):
     plt = _plt()
     if plt is None or not rows:
         return []
-    parts = [("base_ms", "base"), ("teacher_ms", "teacher"), ("kd_ms", "kd"), ("backward_opt_ms", "backward+opt"),
+    parts = [("base_ms", "base"), ("teacher_ms", "teacher"), ("kd_ms", "kd"), ("gather_ms", "gather"),
+             ("backward_opt_ms", "backward+opt"),
              ("refresh", "refresh (per step)"), ("prep", "batch preparation (per step)")]
     keyed = {}
     for r in rows:  # the last row of each case
@@ -181,7 +182,7 @@ def plot_train(rows, out_dir, tag):
             if col in ("refresh", "prep"):
                 vals = [float(r.get(f"{col}_s") or 0) * 1e3 / max(float(r["steps_per_epoch"]), 1) for r in cases]
             else:
-                vals = [float(r[col] or 0) for r in cases]
+                vals = [float(r.get(col) or 0) for r in cases]
             ax.bar(xs, vals, bottom=bottom, label=lab, color=f"C{i}")
             bottom = [b + v for b, v in zip(bottom, vals)]
         for x, r, b in zip(xs, cases, bottom):
@@ -244,14 +245,15 @@ def train_table(rows, src):
         keyed[(r["dataset"], r["model"], r["protocol"], r["backend"])] = r
     out = [_provenance(rows, src), "",
            "| dataset | model | protocol | backend | epoch s | prep s | refresh s | step ms | base | teacher | kd | "
-           "backward+opt | KD / student | peak MB |", "|" + " --- |" * 14]
+           "gather | backward+opt | KD / student | peak MB |", "|" + " --- |" * 15]
     for r in keyed.values():
         proto = "student alone" if r["protocol"] == "none" else f"per {r['protocol']}"
         ratio = f"{float(r['ratio_vs_student']):.2f}x" if r.get("ratio_vs_student") else "-"
         prep = f"{float(r['prep_s']):.2f}" if r.get("prep_s") not in (None, "") else "-"
+        gather = f"{float(r['gather_ms']):.1f}" if r.get("gather_ms") not in (None, "") else "-"
         out.append(f"| {r['dataset']} | {r['model']} | {proto} | {r['backend']} | {float(r['epoch_s']):.1f} | "
                    f"{prep} | {float(r['refresh_s']):.2f} | {float(r['step_ms']):.1f} | {float(r['base_ms']):.1f} | "
-                   f"{float(r['teacher_ms']):.1f} | {float(r['kd_ms']):.1f} | {float(r['backward_opt_ms']):.1f} | "
+                   f"{float(r['teacher_ms']):.1f} | {float(r['kd_ms']):.1f} | {gather} | {float(r['backward_opt_ms']):.1f} | "
                    f"{ratio} | {r['peak_mb']} |")
     return "\n".join(out)
 

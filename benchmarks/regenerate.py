@@ -111,7 +111,7 @@ def train_args(device: str, quick: bool, data_dir):
     if quick:
         return ["--dataset", "synthetic", "--models", "mf", "--protocols", "none", "epoch", "--steps", "2",
                 "--warmup", "1", "--batch-size", "256"]
-    steps = "30" if device.startswith("cuda") else "10"
+    steps = "30" if device.startswith("cuda") else "20"
     backends = ["auto", "cuda", "reference"] if device.startswith("cuda") else ["auto", "reference"]
     args = ["--dataset", "gowalla", "--models", "mf", "lightgcn", "--protocols", "none", "epoch", "batch",
             "--backends", *backends, "--steps", steps, "--warmup", "2"]
