@@ -396,58 +396,116 @@ void gather_row(const Dense& d, int64_t r, const int64_t* idx, int64_t W, A tau,
   });
 }
 
+// exp(x) for x <= 0, the exponentials of the softmaxes. float: a branch-free polynomial
+// (the Cephes expf reduction and coefficients; relative error below 2e-7 on [-87, 0],
+// exp(x < -87) flushed to exp(-87) ~ 1.6e-38) that the compiler can vectorise, unlike a
+// libm call; double: std::exp.
+inline float exp_le0(float x) {
+  x = std::max(x, -87.0f);
+  const float t = x * 1.44269504088896341f;
+  const int n = static_cast<int>(t - 0.5f);  // round to nearest for t <= 0
+  const float fn = static_cast<float>(n);
+  const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+inline double exp_le0(double x) { return std::exp(x); }
+
 // Softmax statistics of a set: max and sum of exp(v - max) over the members.
 template <typename A>
 struct SoftStats {
   A mx, sum;
 };
 
-template <typename A, typename Member>
-SoftStats<A> soft_stats(const A* v, int64_t n, Member member) {
-  A mx = -std::numeric_limits<A>::infinity();
-  for (int64_t i = 0; i < n; ++i)
-    if (member(i)) mx = std::max(mx, v[i]);
-  A sum = 0;
-  for (int64_t i = 0; i < n; ++i)
-    if (member(i)) sum += std::exp(v[i] - mx);
-  return {mx, sum};
+// The members of a set are given by weights m (1 member, 0 not). e[i] = exp(v[i] - max) for the
+// members and 0 for the others; returns the max and the sum over the members. One exp per
+// value, in a loop without branches.
+template <typename A>
+SoftStats<A> soft_exp(const A* v, const A* m, int64_t n, A* e) {
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  // max and sum with four independent chains (no loop-carried dependency on one register)
+  A mx4[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) mx4[j] = std::max(mx4[j], m[i + j] != 0 ? v[i + j] : kNegInf);
+  for (; i < n; ++i) mx4[0] = std::max(mx4[0], m[i] != 0 ? v[i] : kNegInf);
+  const A mx = std::max(std::max(mx4[0], mx4[1]), std::max(mx4[2], mx4[3]));
+  for (i = 0; i < n; ++i) e[i] = m[i] * exp_le0(std::min(v[i] - mx, A(0)));  // vectorised (float)
+  A s4[4] = {0, 0, 0, 0};
+  for (i = 0; i + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) s4[j] += e[i + j];
+  for (; i < n; ++i) s4[0] += e[i];
+  return {mx, (s4[0] + s4[1]) + (s4[2] + s4[3])};
 }
 
-// Cross-entropy -sum softmax(y) * log_softmax(x) over the members.
-template <typename A, typename Member>
-A set_ce(const A* x, const A* y, int64_t n, Member member) {
-  const SoftStats<A> sx = soft_stats<A>(x, n, member);
-  const SoftStats<A> sy = soft_stats<A>(y, n, member);
-  const A lsx = std::log(sx.sum);
+// Per-thread scratch of the loss of a row: membership weights and the two exp buffers.
+template <typename A>
+struct RowScratch {
+  std::vector<A> m, ex, ey;
+  // weights of [QS (K) | U = A (L) + QT (K) with q2]: QS all, A all, QT where q2
+  void prepare(const bool* q2, int64_t K, int64_t L) {
+    const size_t W = static_cast<size_t>(2 * K + L);
+    if (m.size() < W) {
+      m.resize(W);
+      ex.resize(W);
+      ey.resize(W);
+    }
+    std::fill(m.begin(), m.begin() + K + L, A(1));
+    for (int64_t i = 0; i < K; ++i) m[K + L + i] = q2[i] ? A(1) : A(0);
+  }
+};
+
+template <typename A>
+RowScratch<A>& row_scratch() {
+  thread_local RowScratch<A> sc;
+  return sc;
+}
+
+// Cross-entropy -sum softmax(y) * log_softmax(x) over the members (m), with ex, ey filled:
+// log(sum ex) - sum(ey * (x - max x)) / sum ey.
+template <typename A>
+A set_ce(const A* x, const A* y, const A* m, int64_t n, A* ex, A* ey) {
+  const SoftStats<A> sx = soft_exp<A>(x, m, n, ex);
+  const SoftStats<A> sy = soft_exp<A>(y, m, n, ey);
   A acc = 0;
-  for (int64_t i = 0; i < n; ++i)
-    if (member(i)) acc += std::exp(y[i] - sy.mx) * ((x[i] - sx.mx) - lsx);
-  return -acc / sy.sum;
+  for (int64_t i = 0; i < n; ++i) acc += ey[i] * (x[i] - sx.mx);  // ey = 0 off the set
+  return std::log(sx.sum) - acc / sy.sum;
 }
 
 // (L1, L2) of one row from x, y = scores / tau at [QS (K) | A (L) | QT (K)].
 template <typename A>
 std::pair<A, A> row_losses(const A* x, const A* y, const bool* q2, int64_t K, int64_t L) {
-  const A l1 = set_ce<A>(x, y, K, [](int64_t) { return true; });
-  const A l2 = set_ce<A>(x + K, y + K, L + K, [&](int64_t i) { return i < L || q2[i - L]; });
+  RowScratch<A>& sc = row_scratch<A>();
+  sc.prepare(q2, K, L);
+  const A l1 = set_ce<A>(x, y, sc.m.data(), K, sc.ex.data(), sc.ey.data());
+  const A l2 = set_ce<A>(x + K, y + K, sc.m.data() + K, L + K, sc.ex.data() + K, sc.ey.data() + K);
   return {l1, l2};
 }
 
 // d loss_row / d x at the W positions, times w = grad_row / tau.
 template <typename A>
 void row_grads(const A* x, const A* y, const bool* q2, int64_t K, int64_t L, A gamma, A w, A* d) {
-  auto all = [](int64_t) { return true; };
-  auto in_u = [&](int64_t i) { return i < L || q2[i - L]; };
-  const SoftStats<A> s1x = soft_stats<A>(x, K, all), s1y = soft_stats<A>(y, K, all);
-  const A f1 = (1 - gamma) * w;
-  for (int64_t i = 0; i < K; ++i)
-    d[i] = (std::exp(x[i] - s1x.mx) / s1x.sum - std::exp(y[i] - s1y.mx) / s1y.sum) * f1;
-  const A* xu = x + K;
-  const A* yu = y + K;
-  const SoftStats<A> s2x = soft_stats<A>(xu, L + K, in_u), s2y = soft_stats<A>(yu, L + K, in_u);
-  const A f2 = gamma * w;
-  for (int64_t i = 0; i < L + K; ++i)
-    d[K + i] = in_u(i) ? (std::exp(xu[i] - s2x.mx) / s2x.sum - std::exp(yu[i] - s2y.mx) / s2y.sum) * f2 : A(0);
+  RowScratch<A>& sc = row_scratch<A>();
+  sc.prepare(q2, K, L);
+  A* ex = sc.ex.data();
+  A* ey = sc.ey.data();
+  const SoftStats<A> s1x = soft_exp<A>(x, sc.m.data(), K, ex), s1y = soft_exp<A>(y, sc.m.data(), K, ey);
+  const A ax = (1 - gamma) * w / s1x.sum, ay = (1 - gamma) * w / s1y.sum;
+  for (int64_t i = 0; i < K; ++i) d[i] = ex[i] * ax - ey[i] * ay;
+  const int64_t n2 = L + K;
+  const SoftStats<A> s2x = soft_exp<A>(x + K, sc.m.data() + K, n2, ex + K);
+  const SoftStats<A> s2y = soft_exp<A>(y + K, sc.m.data() + K, n2, ey + K);
+  const A bx = gamma * w / s2x.sum, by = gamma * w / s2y.sum;
+  for (int64_t i = K; i < K + n2; ++i) d[i] = ex[i] * bx - ey[i] * by;  // 0 off U
 }
 
 at::ScalarType acc_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
