@@ -18,7 +18,8 @@ Parts of a step: ``base`` (the backbone's forward and base loss), ``teacher``
 (teacher scores: full rows per batch in the batch protocol), ``kd`` (the RCE-KD
 loss: sets and CE in the batch protocol, the gathered CE in the epoch protocol),
 ``gather`` (the rest of the KD forward: the student's scores at the 2K + L selected
-items, the indexing of the epoch's sets, the reduction),
+items and the indexing of the epoch's sets in the epoch protocol, the student's full
+rows in the batch protocol, the reduction),
 ``backward+opt`` (backward and optimizer step). The breakdown synchronises the
 device between parts; the ``step`` column is timed in a separate pass without
 (blocks of consecutive steps with one synchronisation per block, the median over
