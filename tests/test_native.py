@@ -199,6 +199,28 @@ def test_cpp_edge_shapes(mode, shape):
 
 
 @needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("ties", ["none", "round", "int"])
+def test_cpp_long_rows_sampled_threshold(dtype, ties):
+    """Rows of N >= 4096 with K, M <= N / 8: the selection first filters each row by a threshold
+    estimated from a sample of it (the float prefilter, then the exact keys). Against the
+    reference with many ties, strided rows, exclusion masks, and rows where the threshold falls
+    among the excluded items (most of the row excluded)."""
+    g = torch.Generator().manual_seed(hash((str(dtype), ties)) % 2**31)
+    B, N, K, M, L = 6, 9000, 40, 200, 50
+    for contiguous in (True, False):
+        s = _scores(g, B, N, dtype, ties, contiguous, "cpu")
+        t = _scores(g, B, N, dtype, ties, True, "cpu")
+        exclude = torch.rand(B, N, generator=g) < torch.tensor([0.0, 0.1, 0.5, 0.9, 0.97, 0.0]).unsqueeze(1)
+        exclude[5, :] = False
+        exclude[5, : N - 2 * M] = True  # all but 2M items excluded: the sampled threshold is an excluded key
+        for ex in (None, exclude):
+            case = dict(s=s, t=t, teacher_topk=None, exclude=ex, row_ids=torch.arange(B), K=K, M=M, L=L, T=2.0,
+                        tau=1.0, beta=5.0, mode="official" if contiguous else "paper", seed=11)
+            compare_backend(native.cpp, case)
+
+
+@needs_cpp
 def test_cpp_public_api_and_autograd():
     g = torch.Generator().manual_seed(5)
     s = torch.randn(6, 300, generator=g, dtype=torch.float64)

@@ -144,38 +144,68 @@ void dispatch_float(at::ScalarType st, F&& f) {
 // The first k items of one row in ranking order, as sorted composite keys in buf[0, k).
 //
 // When k is small against N, a threshold estimated from an even sample of the keys
-// first drops most of the row: if at least k keys are >= the estimate, the top k of
-// the row are all among them (exact, keys are unique), and only those few are
-// partitioned; else the whole row is (rare: the estimate keeps ~1.5 k + 16 N / 1024).
+// first drops most of the row in one pass that keeps only the keys >= the estimate
+// (no buffer of N keys is written): if at least k keys pass, the top k of the row are
+// all among them (exact, keys are unique) and only those few are partitioned; else the
+// whole row is (rare: the estimate keeps ~1.5 k + 16 N / 1024 keys).
 template <typename S>
 void ranked_topk_row(const S* x, int64_t sx, const bool* ex, int64_t sex, int64_t N, int64_t k,
                      std::vector<typename Rank<S>::comp_t>& buf, std::vector<typename Rank<S>::comp_t>& cand) {
   using C = typename Rank<S>::comp_t;
+  constexpr int64_t kSample = 1024;
+  if (N >= 4 * kSample && k * 8 <= N) {
+    const int64_t step = N / kSample;
+    cand.resize(kSample);
+    for (int64_t i = 0; i < kSample; ++i)
+      cand[i] = Rank<S>::make(x[i * step * sx], i * step, ex != nullptr && ex[i * step * sex]);
+    const int64_t r = std::min<int64_t>(kSample - 1, (k * kSample) / N * 3 / 2 + 16);
+    std::nth_element(cand.begin(), cand.begin() + r, cand.end(), std::greater<C>());
+    const C tau = cand[r];
+    cand.clear();
+    const u32 o_tau = static_cast<u32>(tau >> (8 * sizeof(C) / 2));  // the score part of the key
+    if constexpr (std::is_same_v<C, u64>) {
+      if (o_tau != 0) {  // tau is not an excluded item's key: prefilter on the float score
+        // inverse of ord32: the float32 whose key has the score part o_tau
+        const u32 bits = (o_tau & 0x80000000u) ? (o_tau ^ 0x80000000u) : ~o_tau;
+        float tf;
+        std::memcpy(&tf, &bits, 4);
+        for (int64_t j = 0; j < N; ++j) {
+          const float v = static_cast<float>(x[j * sx]);
+          if (!(v < tf)) {  // scores below tf have keys below tau (NaN goes on to the exact test)
+            const C c = Rank<S>::make(x[j * sx], j, ex != nullptr && ex[j * sex]);
+            if (c >= tau) cand.push_back(c);
+          }
+        }
+        goto filtered;
+      }
+    }
+    if (ex == nullptr) {
+      for (int64_t j = 0; j < N; ++j) {
+        const C c = Rank<S>::make(x[j * sx], j, false);
+        if (c >= tau) cand.push_back(c);
+      }
+    } else {
+      for (int64_t j = 0; j < N; ++j) {
+        const C c = Rank<S>::make(x[j * sx], j, ex[j * sex]);
+        if (c >= tau) cand.push_back(c);
+      }
+    }
+  filtered:
+    if (static_cast<int64_t>(cand.size()) >= k) {
+      if (static_cast<int64_t>(cand.size()) > k)
+        std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), std::greater<C>());
+      std::sort(cand.begin(), cand.begin() + k, std::greater<C>());
+      if (static_cast<int64_t>(buf.size()) < k) buf.resize(k);
+      std::copy(cand.begin(), cand.begin() + k, buf.begin());
+      return;
+    }
+  }
   buf.resize(N);
   C* b = buf.data();
   if (ex == nullptr) {
     for (int64_t j = 0; j < N; ++j) b[j] = Rank<S>::make(x[j * sx], j, false);
   } else {
     for (int64_t j = 0; j < N; ++j) b[j] = Rank<S>::make(x[j * sx], j, ex[j * sex]);
-  }
-  constexpr int64_t kSample = 1024;
-  if (N >= 4 * kSample && k * 8 <= N) {
-    const int64_t step = N / kSample;
-    cand.resize(kSample);
-    for (int64_t i = 0; i < kSample; ++i) cand[i] = b[i * step];
-    const int64_t r = std::min<int64_t>(kSample - 1, (k * kSample) / N * 3 / 2 + 16);
-    std::nth_element(cand.begin(), cand.begin() + r, cand.end(), std::greater<C>());
-    const C tau = cand[r];
-    cand.clear();
-    for (int64_t j = 0; j < N; ++j)
-      if (b[j] >= tau) cand.push_back(b[j]);
-    if (static_cast<int64_t>(cand.size()) >= k) {
-      if (static_cast<int64_t>(cand.size()) > k)
-        std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), std::greater<C>());
-      std::sort(cand.begin(), cand.begin() + k, std::greater<C>());
-      std::copy(cand.begin(), cand.begin() + k, b);
-      return;
-    }
   }
   if (k < N) std::nth_element(b, b + (k - 1), b + N, std::greater<C>());
   std::sort(b, b + k, std::greater<C>());
