@@ -108,33 +108,24 @@ def test_lightgcn_format_small(tmp_path):
 
 
 # --- malformed files ----------------------------------------------------------------------------
-@pytest.mark.parametrize("content,line,words", [
-    ("2 1 2\n3 4 5\n", 2, "count says 3"),
-    ("2 1 2\n2 4 x\n", 2, "not an integer"),
-    ("1 1\n\n2 1 2", 2, "empty line"),
-    ("2 1 1\n", 1, "repeated"),
-    ("1 -4\n", 1, "negative"),
+@pytest.mark.parametrize("name,content,line,words", [
+    ("users.dat", "2 1 2\n3 4 5\n", 2, "count says 3"),
+    ("users.dat", "2 1 2\n2 4 x\n", 2, "not an integer"),
+    ("users.dat", "1 1\n\n2 1 2", 2, "empty line"),
+    ("users.dat", "2 1 1\n", 1, "repeated"),
+    ("users.dat", "1 -4\n", 1, "negative"),
+    ("train.txt", "0 1 2\n1 2 y\n", 2, "not an integer"),   # the LightGCN format
+    ("train.txt", "0 1 2\n0 3\n", 2, "appears twice"),
+    ("train.txt", "0 1 2 1\n", 1, "repeated"),
 ])
-def test_malformed_users_dat(tmp_path, content, line, words):
-    p = tmp_path / "users.dat"
+def test_malformed_files_name_file_and_line(tmp_path, name, content, line, words):
+    p = tmp_path / name
     p.write_text(content)
+    reader = read_users_dat if name == "users.dat" else read_user_lines
     with pytest.raises(DataFormatError) as e:
-        read_users_dat(str(p))
+        reader(str(p))
     msg = str(e.value)
     assert str(p) in msg and f"line {line}" in msg and words in msg
-
-
-@pytest.mark.parametrize("content,line,words", [
-    ("0 1 2\n1 2 y\n", 2, "not an integer"),
-    ("0 1 2\n0 3\n", 2, "appears twice"),
-    ("0 1 2 1\n", 1, "repeated"),
-])
-def test_malformed_lightgcn(tmp_path, content, line, words):
-    p = tmp_path / "train.txt"
-    p.write_text(content)
-    with pytest.raises(DataFormatError) as e:
-        read_user_lines(str(p))
-    assert str(p) in str(e.value) and f"line {line}" in str(e.value) and words in str(e.value)
 
 
 def test_missing_data_dir_message(monkeypatch):
