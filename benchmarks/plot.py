@@ -34,26 +34,6 @@ def slug(s):
     return re.sub(r"[^A-Za-z0-9]+", "_", s).strip("_").lower()
 
 
-def table(rows, copy_gb_s=None):
-    out = []
-    by = defaultdict(dict)
-    for r in rows:
-        by[(r["device"], r["op"], r["mode"], int(r["B"]), int(r["N"]), r["dtype"])][r["provider"]] = r
-    out.append("| device | op | B | N | dtype | provider | p50 ms | p20-p80 ms | vs reference | GB/s"
-               + (" | % of copy" if copy_gb_s else "") + " | peak extra MB | grad MB |")
-    out.append("|" + "---|" * (12 + (1 if copy_gb_s else 0)))
-    for key in sorted(by):
-        dev, op, mode, B, N, dtype = key
-        ref = by[key].get("reference")
-        for prov, r in sorted(by[key].items(), key=lambda kv: -float(kv[1]["p50_ms"])):
-            p50 = float(r["p50_ms"])
-            sp = f"{float(ref['p50_ms']) / p50:.1f}x" if ref else "-"
-            pct = f" | {100 * float(r['achieved_gb_s']) / copy_gb_s:.0f}%" if copy_gb_s else ""
-            out.append(f"| {dev} | {op} | {B} | {N} | {dtype} | {prov} | {p50:.3f} | {r['p20_ms']}-{r['p80_ms']} | "
-                       f"{sp} | {r['achieved_gb_s']}{pct} | {r['peak_extra_mb']} | {r['grad_mb']} |")
-    return "\n".join(out)
-
-
 def plot(rows, out_dir, op="fwdbwd", name=None):
     try:
         import matplotlib
@@ -280,7 +260,7 @@ def main(argv=None):
     rows = latest(load(a.csv))
     for path in plot(rows, a.out):
         print("wrote", path)
-    print(table(rows, a.copy_gb_s))
+    print(loss_table(rows, a.copy_gb_s, a.csv))
     return 0
 
 
