@@ -140,10 +140,19 @@ def test_teacher_required_for_loss_but_not_select_with_topk():
 def test_errors_from_direct_op_calls():
     """The custom ops check their arguments themselves (one place, every entry point)."""
     s, t = torch.randn(2, 10), torch.randn(2, 10)
+    # the schemas' hyperparameters: K, M, L, tau, T, beta, mode (rcekd_kernels.ops.HPARAMS), then seed
     with pytest.raises(ValueError, match="L must satisfy"):
         torch.ops.rcekd.fused_fwd(s, t, None, None, torch.arange(2), 2, 4, 5, 1.0, 10.0, 1.0, "paper", 0, "auto", True)
     with pytest.raises(ValueError, match="mode"):
-        torch.ops.rcekd.select(s, t, None, None, torch.arange(2), 2, 4, 3, 10.0, "x", 0, "auto", True)
+        torch.ops.rcekd.select(s, t, None, None, torch.arange(2), 2, 4, 3, 1.0, 10.0, 1.0, "x", 0, "auto", True)
+    with pytest.raises(ValueError, match="idx must be int64 of shape"):
+        torch.ops.rcekd.fused_bwd(torch.ones(2), s, t, torch.zeros(2, 5, dtype=torch.int64),
+                                  torch.zeros(2, 2, dtype=torch.bool), torch.ones(2), 2, 4, 2, 1.0, 10.0, 1.0,
+                                  "paper", "auto")
+    with pytest.raises(ValueError, match="grad_rows"):
+        torch.ops.rcekd.subset_ce_bwd(torch.ones(3), torch.randn(2, 6), torch.randn(2, 6),
+                                      torch.zeros(2, 2, dtype=torch.bool), torch.ones(2), 2, 4, 2, 1.0, 10.0, 1.0,
+                                      "paper", "auto")
 
 
 def test_gathered_bad_inputs():

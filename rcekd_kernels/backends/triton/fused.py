@@ -17,19 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import _common as C
 from . import selection as _select
 from .subset_ce import ce_one, ce_two, soft_diff
 
 
-def fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed):
+def fused_fwd(s, t, teacher_topk, exclude, row_ids, cfg, seed):
     """Loss rows, stats (B, 5) = (L1, L2, gamma, |Q1|, |QT & A|), idx = [QS | A | QT]
     (B, 2K + L) and q2_mask (B, K)."""
-    if not C.kernel_dtypes_ok(s, t):
-        return reference.fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed)
-    return _select.run(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed,
-                       fused=(float(tau), float(beta)))
+    return _select.run(s, t, teacher_topk, exclude, row_ids, cfg, seed, fused=True)
 
 
 @triton.jit
@@ -85,11 +81,9 @@ def _fused_bwd_kernel(gr_ptr, gr_s0, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, idx_p
     tl.store(o_row + qt, d_qt, mask=mq)
 
 
-def fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, K, L, tau):
+def fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, cfg):
     """Dense gradient (B, N) in the dtype of s: zero except at the gathered ids."""
-    if not C.kernel_dtypes_ok(s, t):
-        return reference.fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, K, L, tau)
-    C.check_limits(K, K, 0, L)
+    K, L, tau = cfg.K, cfg.L, cfg.tau
     B, N = s.shape
     out = torch.zeros((B, N), dtype=s.dtype, device=s.device)
     q2 = C.as_u8(q2_mask)

@@ -33,7 +33,6 @@ import triton
 import triton.language as tl
 
 from ... import rng
-from .. import reference
 from . import _common as C
 from ._common import composite, gumbel, key_hi, key_item, ord_key, sampling_key, take_top
 from .subset_ce import ce_one, ce_two
@@ -203,11 +202,11 @@ def _rows_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, ex_ptr, ex_s0, ex_s1,
         tl.store(counts_ptr + row64 * 2 + 1, n_qa.to(tl.int64))
 
 
-def run(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed, *, fused=None):
-    """Launches the selection. ``fused`` = (tau, beta) computes the loss too and
-    returns fused_fwd's outputs; otherwise select's outputs."""
+def run(s, t, teacher_topk, exclude, row_ids, cfg, seed, *, fused=False):
+    """Launches the selection. ``fused`` computes the loss too and returns fused_fwd's
+    outputs; otherwise select's outputs."""
     B, N = s.shape
-    C.check_limits(K, M, N, L)
+    K, M, L, T, mode = cfg.K, cfg.m, cfg.L, cfg.T, cfg.mode
     dev = s.device
     pool = top_keys(s, exclude, M)
     if teacher_topk is None:
@@ -222,37 +221,30 @@ def run(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed, *, fused=N
     k2 = rng.row_keys(seed, row_ids)
     q2 = torch.empty((B, K), dtype=torch.bool, device=dev)
     ex = C.dummy_u8(dev) if exclude is None else C.as_u8(exclude)
-    tt = t if fused is not None else s  # t is read only by the fused loss
-    if fused is None:
-        qs = torch.empty((B, K), dtype=torch.int64, device=dev)
-        a = torch.empty((B, L), dtype=torch.int64, device=dev)
-        qt = torch.empty((B, K), dtype=torch.int64, device=dev)
+    tt = t if fused else s  # t is read only by the fused loss
+    W = 2 * K + L
+    idx = torch.empty((B, W), dtype=torch.int64, device=dev)
+    outs = (idx, W, idx[:, K:], W, idx[:, K + L:], W)
+    tau, beta = cfg.tau, cfg.beta
+    if not fused:
         counts = torch.empty((B, 2), dtype=torch.int64, device=dev)
         loss = stats = counts
-        tau, beta = 1.0, 0.0
-        outs = (qs, K, a, L, qt, K)
     else:
-        tau, beta = fused
-        idx = torch.empty((B, 2 * K + L), dtype=torch.int64, device=dev)
         loss = torch.empty((B,), dtype=torch.float32, device=dev)
         stats = torch.empty((B, 5), dtype=torch.float32, device=dev)
         counts = loss
-        W = 2 * K + L
-        outs = (idx, W, idx[:, K:], W, idx[:, K + L:], W)
     _rows_kernel[(B,)](
         s, s.stride(0), s.stride(1), tt, tt.stride(0), tt.stride(1), ex, ex.stride(0), ex.stride(1),
         pool, tq, tq_s[0], tq_s[1], k2, scr, mark, *outs, C.as_u8(q2), counts, loss, stats,
         K, M, L, *C.split_f64(T), float(tau), float(beta), float(K),
         int(exclude is not None), int(teacher_topk is not None), int(mode == "paper"),
-        FUSED=fused is not None, BLOCK_K=BK, BLOCK_M=BM,
+        FUSED=fused, BLOCK_K=BK, BLOCK_M=BM,
         LOG_M=BM.bit_length(), num_warps=C.warps_for(4 * BM))
-    if fused is None:
-        return qs, a, qt, q2, counts
+    if not fused:
+        return idx, q2, counts
     return loss, stats, idx, q2
 
 
-def select(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed):
-    """The sets of each row: (student_topk, sampled, teacher_topk, q2_mask, counts)."""
-    if not C.kernel_dtypes_ok(s, t if teacher_topk is None else None):
-        return reference.select(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed)
-    return run(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed)
+def select(s, t, teacher_topk, exclude, row_ids, cfg, seed):
+    """The sets of each row: (idx = [QS | A | QT], q2_mask, counts)."""
+    return run(s, t, teacher_topk, exclude, row_ids, cfg, seed)

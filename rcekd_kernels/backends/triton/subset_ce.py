@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import _common as C
 
 
@@ -117,17 +116,11 @@ def _launch(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau, bwd):
     return grad if bwd else (loss, parts)
 
 
-def subset_ce_fwd(s_g, t_g, q2_mask, gamma, K, L, tau):
+def subset_ce_fwd(s_g, t_g, q2_mask, gamma, cfg):
     """Per-row loss on gathered scores [QS | A | QT] and (L1, L2) per row (float32)."""
-    if not C.kernel_dtypes_ok(s_g, t_g):
-        return reference.subset_ce_fwd(s_g, t_g, q2_mask, gamma, K, L, tau)
-    C.check_limits(K, K, 0, L)
-    return _launch(None, s_g, t_g, q2_mask, gamma, K, L, tau, bwd=False)
+    return _launch(None, s_g, t_g, q2_mask, gamma, cfg.K, cfg.L, cfg.tau, bwd=False)
 
 
-def subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau):
+def subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, cfg):
     """d(sum_r grad_rows[r] * loss[r]) / d s_g, float32 (B, 2K + L)."""
-    if not C.kernel_dtypes_ok(s_g, t_g):
-        return reference.subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau)
-    C.check_limits(K, K, 0, L)
-    return _launch(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau, bwd=True)
+    return _launch(grad_rows, s_g, t_g, q2_mask, gamma, cfg.K, cfg.L, cfg.tau, bwd=True)
