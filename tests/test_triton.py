@@ -354,8 +354,10 @@ def build(fn, types, consts, warps):
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 rows = dict(s_ptr="*bf16", t_ptr="*fp32", ex_ptr="*u8", pool_ptr="*i64", tq_ptr="*i64", k2_ptr="*i64",
-            scr_ptr="*i64", mark_ptr="*i32", qs_ptr="*i64", a_ptr="*i64", qt_ptr="*i64", q2_ptr="*u8",
-            counts_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32", T="fp32", tau="fp32", beta="fp32", K_f="fp32")
+            scr_ptr="*i64", mark_ptr="*i32", idx_ptr="*i64", q2_ptr="*u8", counts_ptr="*i64", loss_ptr="*fp32",
+            stats_ptr="*fp32", T_hi="fp32", T_lo="fp32", tau="fp32", beta="fp32", K_f="fp32")
+sub = dict(s_ptr="*bf16", t_ptr="*fp32", q2_ptr="*u8", gam_ptr="*fp32", gr_ptr="*fp32", loss_ptr="*fp32",
+           parts_ptr="*fp32", grad_ptr="*fp32", tau="fp32")
 jobs = [
     (S._chunk_top_kernel, dict(src_ptr="*fp32", ex_ptr="*u8", out_ptr="*i64"),
      dict(KEYS=False, HAS_EX=True, LOW=0, CH=4096, RADIX=False), 8),
@@ -365,11 +367,10 @@ jobs = [
      dict(KEYS=False, HAS_EX=True, LOW=0, CH=4096, RADIX=True), 8),
     (S._chunk_top_kernel, dict(src_ptr="*bf16", ex_ptr="*u8", out_ptr="*i64"),
      dict(KEYS=False, HAS_EX=False, LOW=16, CH=4096, RADIX=True), 8),
-    (S._rows_kernel, rows, dict(FUSED=False, BLOCK_K=16, BLOCK_M=32, LOG_M=6), 2),
-    (S._rows_kernel, rows, dict(FUSED=True, BLOCK_K=16, BLOCK_M=32, LOG_M=6), 2),
-    (SC._subset_kernel, dict(s_ptr="*bf16", t_ptr="*fp32", q2_ptr="*u8", gam_ptr="*fp32", gr_ptr="*fp32",
-                              loss_ptr="*fp32", parts_ptr="*fp32", grad_ptr="*fp32", tau="fp32"),
-     dict(BWD=True, BLOCK_K=16, BLOCK_L=32), 2),
+    (S._select_rows_kernel, rows, dict(BLOCK_K=16, BLOCK_M=32, LOG_M=6), 2),
+    (F._fused_rows_kernel, rows, dict(BLOCK_K=16, BLOCK_M=32, LOG_M=6), 2),
+    (SC._subset_fwd_kernel, sub, dict(BLOCK_K=16, BLOCK_L=32), 2),
+    (SC._subset_bwd_kernel, sub, dict(BLOCK_K=16, BLOCK_L=32), 2),
     (F._fused_bwd_kernel, dict(gr_ptr="*fp32", s_ptr="*fp16", t_ptr="*fp32", idx_ptr="*i64", q2_ptr="*u8",
                                gam_ptr="*fp32", out_ptr="*fp16", tau="fp32"),
      dict(BLOCK_K=16, BLOCK_L=32, TILE=32), 2),

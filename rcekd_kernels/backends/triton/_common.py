@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import spec
+
 # ----------------------------------------------------------------------------- knobs
 #: Items of one row handled by one program of the selection's first phase. A row
 #: longer than this is split over several programs whose top-R candidates are then
@@ -40,6 +42,9 @@ from . import MAX_KM  # noqa: E402,F401  (defined where supports() reads it)
 MIN_BLOCK = 16
 
 MASK32 = 0xFFFFFFFF
+
+#: the cap of the official counts, for the kernels (rcekd_kernels.spec.OFFICIAL_CAP)
+OFFICIAL_CAP = tl.constexpr(spec.OFFICIAL_CAP)
 
 
 def interpreting() -> bool:
