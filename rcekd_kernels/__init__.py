@@ -2,7 +2,8 @@
 Distillation in recommender systems), exact and fast, on several backends."""
 from . import ops  # registers the torch.library custom ops  # noqa: F401
 from ._version import __version__
-from .backends import available_backends, describe as describe_backends
+from .backends import available_backends
+from .backends import describe as describe_backends
 from .backends.native import build_info
 from .config import RCEKDConfig
 from .functional import RCEKDFunction, Selection, rce_kd_loss, rce_kd_loss_gathered, select

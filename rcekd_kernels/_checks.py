@@ -13,8 +13,6 @@ can turn them off.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .config import RCEKDConfig

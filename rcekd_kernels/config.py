@@ -98,8 +98,9 @@ class RCEKDConfig:
         _check_int("K", self.K, 1, MAX_KM, "1 <= K <= M <= N (N unknown)")
         if self.M is None:
             object.__setattr__(self, "M", spec.default_m(self.K))
-        _check_int("M", self.M, self.K, MAX_KM, f"K <= M <= N (K = {self.K})")
-        _check_int("L", self.L, 1, self.M, f"1 <= L <= M (M = {self.M})")
+        M: int = self.M  # type: ignore[assignment]  # set just above
+        _check_int("M", M, self.K, MAX_KM, f"K <= M <= N (K = {self.K})")
+        _check_int("L", self.L, 1, M, f"1 <= L <= M (M = {M})")
         _check_real("tau", self.tau, positive=True)
         _check_real("T", self.T, positive=True)
         _check_real("beta", self.beta, positive=False)

@@ -194,7 +194,8 @@ class Selection:
         return ids, mask
 
     def _map(self, fn) -> "Selection":
-        return Selection(*(fn(getattr(self, f)) for f in self._TENSORS), config=self.config)
+        return Selection(fn(self.indices), fn(self.q2_mask), fn(self.gamma), fn(self.n_q1), fn(self.n_qt_sampled),
+                         self.config)
 
     def __getitem__(self, rows) -> "Selection":
         """The selection of some rows (an index tensor, a slice or a bool mask)."""
@@ -215,7 +216,8 @@ class Selection:
         config = parts[0].config
         if any(p.config != config for p in parts):
             raise ValueError("Selection.cat: the selections were made with different configurations")
-        return Selection(*(torch.cat([getattr(p, f) for p in parts]) for f in Selection._TENSORS), config=config)
+        cat = [torch.cat([getattr(p, f) for p in parts]) for f in Selection._TENSORS]
+        return Selection(cat[0], cat[1], cat[2], cat[3], cat[4], config)
 
 
 @torch.no_grad()
@@ -332,7 +334,7 @@ class RCEKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s, t, teacher_topk, exclude, row_ids, *args):  # type: ignore[override]
+    def forward(ctx, s, t, teacher_topk, exclude, row_ids, *args):
         cfg, seed, backend, validate = _function_args(args)
         name = requested(backend)
         out = ops.fused_fwd(s, t, teacher_topk, exclude, row_ids, *ops.flatten(cfg), seed, name, validate)
@@ -341,5 +343,5 @@ class RCEKDFunction(torch.autograd.Function):
         return out[0]
 
     @staticmethod
-    def backward(ctx, grad_rows):  # type: ignore[override]
+    def backward(ctx, grad_rows):
         return (ops.fused_grad(ctx, grad_rows),) + (None,) * (ctx.n_inputs - 1)

@@ -1,5 +1,4 @@
 """The custom ops: torch.library.opcheck, torch.compile(fullgraph=True), backends."""
-import os
 
 import pytest
 import torch

@@ -13,8 +13,10 @@ from rcekd_kernels import rng, spec
 from rcekd_kernels.backends import reference as ref
 
 import oracle
-from conformance import assert_matches_oracle, oracle_rows, oracle_tensors as tensors, oracle_hp as hp
+from conformance import assert_matches_oracle, oracle_rows
 from conformance import oracle_config as random_config
+from conformance import oracle_hp as hp
+from conformance import oracle_tensors as tensors
 
 HERE = os.path.dirname(__file__)
 

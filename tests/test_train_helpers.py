@@ -1,5 +1,4 @@
 """Shared helpers of the training-driver tests (imported by the other tests/test_train_*.py; no tests here)."""
-import os
 from pathlib import Path
 
 import pytest

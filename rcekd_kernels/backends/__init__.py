@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -45,7 +45,7 @@ AUTO_ORDER: Dict[str, Tuple[str, ...]] = {
 
 ENV_VAR = "RCEKD_BACKEND"
 
-_loaded: Dict[str, Backend] = {}
+_loaded: Dict[str, Any] = {}  # Backend objects (modules or instances)
 _load_errors: Dict[str, str] = {}
 
 
@@ -54,7 +54,7 @@ def names() -> Tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def _load(name: str) -> Optional[Backend]:
+def _load(name: str) -> Optional[Any]:
     if name in _loaded:
         return _loaded[name]
     if name in _load_errors:
@@ -67,11 +67,11 @@ def _load(name: str) -> Optional[Backend]:
     except ImportError as e:  # not built / not installed
         _load_errors[name] = f"cannot be imported ({e})"
         return None
-    _loaded[name] = obj  # type: ignore[assignment]
-    return obj  # type: ignore[return-value]
+    _loaded[name] = obj
+    return obj
 
 
-def get(name: str) -> Backend:
+def get(name: str) -> Any:
     """The backend object ``name`` (loaded on first use); ValueError when it cannot be loaded."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r} (known: {list(_REGISTRY)})")
@@ -129,8 +129,9 @@ def requested(backend: Optional[str], op: Optional[str] = None) -> str:
     return backend
 
 
-def resolve(backend: str, call: Call) -> Backend:
-    """The dispatcher: the backend object that runs ``call`` for the name ``backend``."""
+def resolve(backend: str, call: Call) -> Any:
+    """The dispatcher: the backend object (a :class:`~rcekd_kernels.backends.base.Backend`, and a
+    ``GatheredDotBackend`` for the gathered_dot ops) that runs ``call`` for the name ``backend``."""
     if backend == "auto":
         for name in AUTO_ORDER.get(call.device_type, ("reference",)):
             if unsupported_reason(name, call) is None:

@@ -20,7 +20,7 @@ import importlib.util
 import json
 import os
 import warnings
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -87,7 +87,7 @@ def build_info() -> dict:
     if _info is None:
         return {"loaded": False, "error": _load_error, "cpu": False, "cuda": False,
                 "torch_runtime": torch.__version__}
-    out = {"loaded": True}
+    out: Dict[str, Any] = {"loaded": True}
     out.update(_info)
     spec = importlib.util.find_spec(EXTENSION)
     out["path"] = spec.origin if spec is not None else None
@@ -142,25 +142,32 @@ class _Native:
 
     # the five loss ops: tensors + the flattened configuration (ops.HPARAMS order) + the seed
     def select(self, s, t, teacher_topk, exclude, row_ids, cfg, seed):
-        return tuple(_ops.select(s, t, teacher_topk, exclude, row_ids, *_flatten(cfg), int(seed) & 0xFFFFFFFF))
+        return tuple(_lib().select(s, t, teacher_topk, exclude, row_ids, *_flatten(cfg), int(seed) & 0xFFFFFFFF))
 
     def subset_ce_fwd(self, s_g, t_g, q2_mask, gamma, cfg):
-        return tuple(_ops.subset_ce_fwd(s_g, t_g, q2_mask, gamma, *_flatten(cfg), 0))
+        return tuple(_lib().subset_ce_fwd(s_g, t_g, q2_mask, gamma, *_flatten(cfg), 0))
 
     def subset_ce_bwd(self, grad_rows, s_g, t_g, q2_mask, gamma, cfg):
-        return _ops.subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, *_flatten(cfg), 0)
+        return _lib().subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, *_flatten(cfg), 0)
 
     def fused_fwd(self, s, t, teacher_topk, exclude, row_ids, cfg, seed):
-        return tuple(_ops.fused_fwd(s, t, teacher_topk, exclude, row_ids, *_flatten(cfg), int(seed) & 0xFFFFFFFF))
+        return tuple(_lib().fused_fwd(s, t, teacher_topk, exclude, row_ids, *_flatten(cfg), int(seed) & 0xFFFFFFFF))
 
     def fused_bwd(self, grad_rows, s, t, idx, q2_mask, gamma, cfg):
-        return _ops.fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, *_flatten(cfg), 0)
+        return _lib().fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, *_flatten(cfg), 0)
 
     def _gathered_dot(self, u, v, idx):
-        return _ops.gathered_dot(u, v, idx)
+        return _lib().gathered_dot(u, v, idx)
 
     def _gathered_dot_bwd(self, g, u, v, idx):
-        return tuple(_ops.gathered_dot_bwd(g, u, v, idx))
+        return tuple(_lib().gathered_dot_bwd(g, u, v, idx))
+
+
+def _lib() -> Any:
+    """``torch.ops.rcekd_C`` (a backend method runs only once available() said it is loaded)."""
+    if _ops is None:
+        raise RuntimeError(f"the compiled extension is not loaded: {_load_error}")
+    return _ops
 
 
 def _flatten(cfg):

@@ -68,7 +68,11 @@ def select(s: Tensor, t: Optional[Tensor], teacher_topk: Optional[Tensor], exclu
     """
     K, M, L = cfg.K, cfg.m, cfg.L
     pool = ranked_topk(s, M, exclude)  # (B, M), student order
-    qt = ranked_topk(t, K, exclude) if teacher_topk is None else teacher_topk
+    if teacher_topk is None:
+        assert t is not None, "the checks require teacher scores when teacher_topk is not given"
+        qt = ranked_topk(t, K, exclude)
+    else:
+        qt = teacher_topk
     pos_t = _positions(pool, qt)  # (B, K): pool position, M when outside
     c = pool_counts(pos_t, K, M, cfg.mode)
     key = rng.sampling_keys(c, cfg.T, seed, row_ids, pool)

@@ -88,7 +88,7 @@ def low_bits(dtype: torch.dtype) -> int:
     return _LOW_BITS[dtype]
 
 
-_DUMMY = {}
+_DUMMY: dict = {}
 
 
 def dummy_u8(device) -> torch.Tensor:
