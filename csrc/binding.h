@@ -27,7 +27,6 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -82,9 +81,10 @@ constexpr int64_t kMaxN = (int64_t{1} << 31) - 1;  // item ids fit 32-bit key fi
 inline Params make_params(std::nullptr_t RCEKD_HPARAMS(RCEKD_HP_PARAM)) {
   TORCH_CHECK(1 <= K && K <= M, msg("K, M must satisfy 1 <= K <= M, got K = ", K, ", M = ", M));
   TORCH_CHECK(1 <= L && L <= M, msg("L must satisfy 1 <= L <= M, got L = ", L, ", M = ", M));
-  TORCH_CHECK(std::isfinite(tau) && tau > 0, msg("tau must be finite and > 0, got ", tau));
-  TORCH_CHECK(std::isfinite(T) && T > 0, msg("T must be finite and > 0, got ", T));
-  TORCH_CHECK(std::isfinite(beta) && beta >= 0, msg("beta must be finite and >= 0, got ", beta));
+  // the ranges of rcekd_kernels/config.py (MIN_TEMPERATURE, MAX_TEMPERATURE, MAX_BETA)
+  TORCH_CHECK(tau >= 1e-6 && tau <= 1e6, msg("tau must lie in [1e-6, 1e6], got ", tau));
+  TORCH_CHECK(T >= 1e-6 && T <= 1e6, msg("T must lie in [1e-6, 1e6], got ", T));
+  TORCH_CHECK(beta >= 0 && beta <= 1e6, msg("beta must lie in [0, 1e6], got ", beta));
   TORCH_CHECK(mode == "paper" || mode == "official", "mode must be 'paper' or 'official'");
   Params p;
   p.K = K;

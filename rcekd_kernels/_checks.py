@@ -13,9 +13,11 @@ can turn them off.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .config import RCEKDConfig
+from .config import MAX_SCORE_OVER_TAU, RCEKDConfig
 
 
 def _check_scores(name: str, x) -> None:
@@ -33,6 +35,35 @@ def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but student_scores is on {device}; "
                          f"all tensors must be on one device")
+
+
+def check_types(required=None, optional=None) -> None:
+    """The Python types of an entry point's tensor arguments, before any op sees them (so that a
+    list, a numpy array or None is a TypeError / ValueError naming the argument, never a schema
+    error of the op dispatcher). ``required`` and ``optional`` map names to values."""
+    for name, x in (required or {}).items():
+        if x is None:
+            raise ValueError(f"{name} is required")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (optional or {}).items():
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+
+
+def check_score_range(name: str, x: torch.Tensor, tau: float) -> None:
+    """Finite scores with |score| / tau <= MAX_SCORE_OVER_TAU (one pass over x): in that range
+    every quantity of the loss, its gradient and the sampling is finite in float32 (docs/LOSS.md,
+    "Numerical range")."""
+    if x.numel() == 0:
+        return
+    m = float(x.detach().abs().amax())  # NaN propagates; inf stays inf
+    if not math.isfinite(m):
+        raise ValueError(f"{name} contains NaN or infinite values (pass validate=False to skip this check)")
+    if m > MAX_SCORE_OVER_TAU * tau:
+        raise ValueError(f"{name} is out of range: |score| / tau must be at most {MAX_SCORE_OVER_TAU:g}, got "
+                         f"max |score| = {m:.4g} with tau = {tau:g}; scale the scores down or raise tau "
+                         f"(pass validate=False to skip this check)")
 
 
 def _check_tensor(name: str, x, what: str) -> None:
@@ -84,12 +115,9 @@ def check_dense(s, t, teacher_topk, exclude, row_ids, cfg: RCEKDConfig, *, valid
     if not validate or B == 0:
         return
     # ---- checks that read the data (one pass each, one host synchronisation each)
-    if not bool(torch.isfinite(s).all()):
-        raise ValueError("student_scores contains NaN or infinite values "
-                         "(pass validate=False to skip this check)")
-    if t is not None and not bool(torch.isfinite(t).all()):
-        raise ValueError("teacher_scores contains NaN or infinite values "
-                         "(pass validate=False to skip this check)")
+    check_score_range("student_scores", s, cfg.tau)
+    if t is not None:
+        check_score_range("teacher_scores", t, cfg.tau)
     if exclude is not None:
         n_ok = N - exclude.sum(dim=1)
         bad = int(n_ok.min())
@@ -113,9 +141,10 @@ def check_dense(s, t, teacher_topk, exclude, row_ids, cfg: RCEKDConfig, *, valid
                 raise ValueError(f"teacher_topk holds an id that exclude marks in row {row}")
 
 
-def check_gathered(s_g, t_g, q2_mask, gamma, cfg: RCEKDConfig, *, grad_rows=None) -> None:
+def check_gathered(s_g, t_g, q2_mask, gamma, cfg: RCEKDConfig, *, grad_rows=None, validate: bool = False) -> None:
     """Checks the arguments of the loss on gathered scores (B, 2K + L) (and of its backward,
-    with ``grad_rows``)."""
+    with ``grad_rows``); with ``validate`` also the data: the scores' range (as the dense loss)
+    and gamma in [0, 1] (one pass each and a host synchronisation)."""
     _check_scores("student_gathered", s_g)
     _check_scores("teacher_gathered", t_g)
     B, W = s_g.shape
@@ -137,6 +166,13 @@ def check_gathered(s_g, t_g, q2_mask, gamma, cfg: RCEKDConfig, *, grad_rows=None
         raise ValueError(f"gamma must be a float tensor of shape ({B},), got {gamma.dtype} {tuple(gamma.shape)}")
     if grad_rows is not None:
         _check_grad_rows(grad_rows, B, s_g.device)
+    if validate and B:
+        check_score_range("student_gathered", s_g, cfg.tau)
+        check_score_range("teacher_gathered", t_g, cfg.tau)
+        lo, hi = float(gamma.amin()), float(gamma.amax())
+        if not (0.0 <= lo and hi <= 1.0):  # NaN fails too
+            raise ValueError(f"gamma must lie in [0, 1], got min {lo:g}, max {hi:g} (the selection's gamma is "
+                             f"exp(-beta n / K))")
 
 
 def _check_grad_rows(grad_rows, B: int, device: torch.device) -> None:

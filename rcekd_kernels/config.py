@@ -27,6 +27,12 @@ __all__ = ["RCEKDConfig", "MODES", "REDUCTIONS", "MAX_KM", "check_seed"]
 MODES = ("paper", "official")
 REDUCTIONS = ("mean", "sum", "none")
 MAX_KM = 1 << 30  # far above anything sensible; a backend states its own limit in supports()
+#: tau and T lie in [MIN_TEMPERATURE, MAX_TEMPERATURE], beta in [0, MAX_BETA] (docs/LOSS.md,
+#: "Numerical range"): beyond, float32 arithmetic overflows or flushes without meaning
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+MAX_BETA = 1e6
+#: with validate=True the scores must satisfy |score| / tau <= MAX_SCORE_OVER_TAU
+MAX_SCORE_OVER_TAU = 1e30
 
 
 def _is_int(x: Any) -> bool:
@@ -42,12 +48,15 @@ def _check_int(name: str, value: Any, lo: int, hi: int, rule: str) -> None:
         raise ValueError(f"{name} must satisfy {rule}, got {name} = {value}")
 
 
-def _check_real(name: str, value: Any, *, positive: bool) -> None:
+def _check_real(name: str, value: Any, *, positive: bool, lo: float, hi: float) -> None:
     if not isinstance(value, Real) or isinstance(value, bool):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value) or (value <= 0 if positive else value < 0):
         rng = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {rng}, got {name} = {value}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}] (float32 arithmetic beyond is meaningless), "
+                         f"got {name} = {value}")
 
 
 def check_choice(name: str, value: Any, choices) -> None:
@@ -101,9 +110,9 @@ class RCEKDConfig:
         M: int = self.M  # type: ignore[assignment]  # set just above
         _check_int("M", M, self.K, MAX_KM, f"K <= M <= N (K = {self.K})")
         _check_int("L", self.L, 1, M, f"1 <= L <= M (M = {M})")
-        _check_real("tau", self.tau, positive=True)
-        _check_real("T", self.T, positive=True)
-        _check_real("beta", self.beta, positive=False)
+        _check_real("tau", self.tau, positive=True, lo=MIN_TEMPERATURE, hi=MAX_TEMPERATURE)
+        _check_real("T", self.T, positive=True, lo=MIN_TEMPERATURE, hi=MAX_TEMPERATURE)
+        _check_real("beta", self.beta, positive=False, lo=0.0, hi=MAX_BETA)
         check_choice("mode", self.mode, MODES)
         check_choice("reduction", self.reduction, REDUCTIONS)
         for name in ("tau", "T", "beta"):  # one Python type, so equal configs hash alike

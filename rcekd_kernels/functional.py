@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
-from . import ops
+from . import _checks, ops
 from .backends import requested
 from .config import RCEKDConfig, check_seed
 from .spec import gamma_from_counts
@@ -36,11 +36,9 @@ def _seed(seed: Any) -> Any:
     return seed % _SEED_MOD
 
 
-def _row_ids(row_ids: Optional[Tensor], x: Any) -> Tensor:
+def _row_ids(row_ids: Optional[Tensor], x: Tensor) -> Tensor:
     if row_ids is not None:
         return row_ids
-    if not isinstance(x, Tensor):
-        raise TypeError(f"student_scores must be a torch.Tensor, got {type(x).__name__}")
     return torch.arange(x.shape[0] if x.dim() else 0, device=x.device, dtype=torch.int64)
 
 
@@ -122,6 +120,8 @@ def rce_kd_loss(
                                   reduction=reduction)
     seed = _seed(seed)
     name = requested(backend)
+    _checks.check_types(dict(student_scores=student_scores, teacher_scores=teacher_scores),
+                        dict(teacher_topk=teacher_topk, row_ids=row_ids, exclude=exclude))
     rows = _row_ids(row_ids, student_scores)
     loss_rows, stats, _idx, _q2 = ops.fused_fwd(student_scores, teacher_scores, teacher_topk, exclude, rows,
                                                 *ops.flatten(cfg), seed, name, bool(validate))
@@ -256,6 +256,8 @@ def select(
     cfg = RCEKDConfig.from_kwargs(config, K=K, M=M, L=L, tau=tau, T=T, beta=beta, mode=mode)
     seed = _seed(seed)
     name = requested(backend)
+    _checks.check_types(dict(student_scores=student_scores), dict(teacher_scores=teacher_scores,
+                        teacher_topk=teacher_topk, row_ids=row_ids, exclude=exclude))
     rows = _row_ids(row_ids, student_scores)
     s = student_scores.detach()
     t = teacher_scores.detach() if isinstance(teacher_scores, Tensor) else teacher_scores
@@ -279,6 +281,7 @@ def rce_kd_loss_gathered(
     tau: Optional[float] = None,
     reduction: Optional[str] = None,
     backend: Optional[str] = None,
+    validate: bool = True,
     return_diagnostics: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
     """RCE-KD loss from scores gathered at ``selection.indices`` (B, 2K + L).
@@ -287,15 +290,18 @@ def rce_kd_loss_gathered(
     ``selection.indices[r, j]`` (and likewise for the teacher); the gradient flows
     to ``student_gathered``. This is the per-batch step of the per-epoch protocol.
     ``tau`` and ``reduction`` default to those of ``selection.config`` (1 and "mean"
-    when the selection has none).
+    when the selection has none). ``validate`` checks the data as the dense loss does
+    (finite scores in range, gamma in [0, 1]): one pass and a host synchronisation,
+    which a training loop that has checked its data turns off.
     """
     if not isinstance(selection, Selection):
         raise TypeError(f"selection must be a Selection (from rcekd_kernels.select), "
                         f"got {type(selection).__name__}")
+    _checks.check_types(dict(student_gathered=student_gathered, teacher_gathered=teacher_gathered))
     cfg = _gathered_config(selection, tau, reduction)
     name = requested(backend)
     loss_rows, parts = ops.subset_ce_fwd(student_gathered, teacher_gathered, selection.q2_mask, selection.gamma,
-                                         *ops.flatten(cfg), name)
+                                         *ops.flatten(cfg), name, bool(validate))
     loss = _reduce(loss_rows, cfg.reduction)
     if return_diagnostics:
         stats = torch.cat([parts.detach().float(), selection.gamma.unsqueeze(1).float(),
@@ -336,6 +342,7 @@ class RCEKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, teacher_topk, exclude, row_ids, *args):
         cfg, seed, backend, validate = _function_args(args)
+        _checks.check_types(dict(s=s, t=t, row_ids=row_ids), dict(teacher_topk=teacher_topk, exclude=exclude))
         name = requested(backend)
         out = ops.fused_fwd(s, t, teacher_topk, exclude, row_ids, *ops.flatten(cfg), seed, name, validate)
         ops.save_fused(ctx, s, t, out, cfg, name)

@@ -18,7 +18,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import ops
+from . import _checks, ops
 from .backends import requested
 
 
@@ -39,4 +39,5 @@ def gathered_dot(user_vecs: Tensor, item_vecs: Tensor, idx: Tensor, *, backend: 
         >>> gathered_dot(u, v, torch.tensor([[0, 5], [7, 7]])).shape
         torch.Size([2, 2])
     """
+    _checks.check_types(dict(user_vecs=user_vecs, item_vecs=item_vecs, idx=idx))
     return ops.gathered_dot(user_vecs, item_vecs, idx, requested(backend, "gathered_dot"), bool(validate))

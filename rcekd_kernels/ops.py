@@ -116,8 +116,8 @@ def _subset_empty(s_g: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def _subset_fwd_impl(s_g, t_g, q2_mask, gamma, *rest):
-    cfg, (backend,) = _cfg(rest)
-    _checks.check_gathered(s_g, t_g, q2_mask, gamma, cfg)
+    cfg, (backend, validate) = _cfg(rest)
+    _checks.check_gathered(s_g, t_g, q2_mask, gamma, cfg, validate=validate)
     if s_g.shape[0] == 0:
         return _subset_empty(s_g)
     impl = resolve(backend, Call("subset_ce_fwd", s_g.device.type, (s_g.dtype, t_g.dtype), cfg))
@@ -132,8 +132,8 @@ def _subset_fwd_fake(s_g, t_g, q2_mask, gamma, *rest):
 
 subset_ce_fwd = _define(
     "subset_ce_fwd",
-    f"(Tensor s_g, Tensor t_g, Tensor q2_mask, Tensor gamma, {_HP_SCHEMA}, str backend) -> (Tensor, Tensor)",
-    _subset_fwd_impl, _subset_fwd_fake)
+    f"(Tensor s_g, Tensor t_g, Tensor q2_mask, Tensor gamma, {_HP_SCHEMA}, str backend, bool validate) "
+    f"-> (Tensor, Tensor)", _subset_fwd_impl, _subset_fwd_fake)
 
 
 def _subset_bwd_impl(grad_rows, s_g, t_g, q2_mask, gamma, *rest):
@@ -160,7 +160,8 @@ subset_ce_bwd = _define(
 def _subset_setup(ctx, inputs, output):
     s_g, t_g, q2_mask, gamma = inputs[:4]
     ctx.save_for_backward(s_g, t_g, q2_mask, gamma)
-    ctx.rest = inputs[4:]
+    ctx.rest = inputs[4:-1]  # the configuration and the backend (not validate)
+    ctx.n_inputs = len(inputs)
 
 
 def _subset_backward(ctx, grad_loss, grad_parts):
@@ -168,7 +169,7 @@ def _subset_backward(ctx, grad_loss, grad_parts):
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
         grad = subset_ce_bwd(grad_loss, s_g, t_g, q2_mask, gamma, *ctx.rest)
-    return (grad,) + (None,) * (3 + len(ctx.rest))
+    return (grad,) + (None,) * (ctx.n_inputs - 1)
 
 
 subset_ce_fwd.register_autograd(_subset_backward, setup_context=_subset_setup)

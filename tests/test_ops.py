@@ -44,7 +44,7 @@ def test_opcheck_subset():
     sg = s.gather(1, sel.indices).requires_grad_()
     tg = t.gather(1, sel.indices)
     torch.library.opcheck(torch.ops.rcekd.subset_ce_fwd.default,
-                          (sg, tg, sel.q2_mask, sel.gamma, *hp(K=4, M=10, L=5), "reference"))
+                          (sg, tg, sel.q2_mask, sel.gamma, *hp(K=4, M=10, L=5), "reference", True))
 
 
 def test_opcheck_gathered_dot():

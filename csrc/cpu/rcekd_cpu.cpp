@@ -370,13 +370,15 @@ void gather_row(const Dense& d, int64_t r, const int64_t* idx, int64_t W, A tau,
 }
 
 // exp(x) for x <= 0, the exponentials of the softmaxes. float: a branch-free polynomial
-// (the Cephes expf reduction and coefficients; relative error below 2e-7 on [-87, 0],
-// exp(x < -87) flushed to exp(-87) ~ 1.6e-38) that the compiler can vectorise, unlike a
-// libm call; double: std::exp.
+// (the Cephes expf reduction and coefficients; relative error below 2e-7 where the result
+// is a normal float) that the compiler can vectorise, unlike a libm call: subnormal results
+// down to 2^-149, and exactly 0 where the true value underflows (x < log(2^-150)); a large
+// gap times a floored exponential would otherwise enter the cross-entropy. double: std::exp.
 inline float exp_le0(float x) {
-  x = std::max(x, -87.0f);
+  const bool underflow = x < -103.972077f;  // exp(x) < 2^-150: rounds to 0
+  x = std::max(x, -103.9f);
   const float t = x * 1.44269504088896341f;
-  const int n = static_cast<int>(t - 0.5f);  // round to nearest for t <= 0
+  const int n = static_cast<int>(t - 0.5f);  // round to nearest for t <= 0; n in [-150, 0]
   const float fn = static_cast<float>(n);
   const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -386,10 +388,14 @@ inline float exp_le0(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;  // 2^n, n in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
+  // 2^n as 2^n1 * 2^n2 with n1 = max(n, -126), n2 in [-24, 0]: both normal floats, so that a
+  // subnormal result comes out of the last product
+  const int n1 = std::max(n, -126);
+  const int32_t bits1 = (n1 + 127) << 23, bits2 = (n - n1 + 127) << 23;
+  float scale1, scale2;
+  std::memcpy(&scale1, &bits1, 4);
+  std::memcpy(&scale2, &bits2, 4);
+  return underflow ? 0.0f : (p * scale1) * scale2;
 }
 inline double exp_le0(double x) { return std::exp(x); }
 

@@ -156,9 +156,10 @@ def split_f64(x: float):
 
 @triton.jit
 def ord_key(x):
-    """Order-preserving uint32 image of float32 x; -0.0 is mapped as +0.0."""
-    x = tl.where(x == 0.0, 0.0, x)
+    """Order-preserving uint32 image of float32 x; -0.0 is mapped as +0.0. Bit operations only:
+    a float comparison would flush subnormal scores to zero where the GPU flushes denormals."""
     b = x.to(tl.uint32, bitcast=True)
+    b = tl.where(b == 0x80000000, 0, b)
     neg = (b >> 31) != 0
     return tl.where(neg, tl.full((), 0xFFFFFFFF, tl.uint32) - b, b | 0x80000000)
 

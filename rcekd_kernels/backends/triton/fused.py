@@ -23,16 +23,16 @@ from . import selection as _select
 from .subset_ce import ce_one, ce_two, soft_diff
 
 
-@triton.jit(do_not_specialize=["s_s0", "s_s1", "t_s0", "t_s1", "ex_s0", "ex_s1", "tq_s0", "tq_s1", "W", "K", "M",
-                              "L", "has_ex", "qt_given", "paper"])
+@triton.jit(do_not_specialize=["s_s0", "s_s1", "t_s0", "t_s1", "ex_s0", "ex_s1", "tq_s0", "tq_s1", "W", "N", "K",
+                              "M", "L", "has_ex", "qt_given", "paper"])
 def _fused_rows_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1,
-                       k2_ptr, scr_ptr, mark_ptr, idx_ptr, W, q2_ptr, loss_ptr, stats_ptr, K, M, L, T_hi, T_lo, tau,
+                       k2_ptr, scr_ptr, mark_ptr, idx_ptr, W, q2_ptr, loss_ptr, stats_ptr, N, K, M, L, T_hi, T_lo, tau,
                        beta, K_f, has_ex, qt_given, paper, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                        LOG_M: tl.constexpr):
     row64 = tl.program_id(0).to(tl.int64)
     p_item, qt, sq, a_item, q2, n_q1, n_qa = _select.row_sets(
         row64, s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1, k2_ptr, scr_ptr, mark_ptr,
-        K, M, L, T_hi, T_lo, has_ex, qt_given, paper, BLOCK_K, BLOCK_M, LOG_M)
+        N, K, M, L, T_hi, T_lo, has_ex, qt_given, paper, BLOCK_K, BLOCK_M, LOG_M)
     _select.store_sets(row64, idx_ptr, W, q2_ptr, p_item, qt, a_item, q2, K, L, BLOCK_K, BLOCK_M)
     lm = tl.arange(0, BLOCK_M)
     kv = tl.arange(0, BLOCK_K) < K
@@ -100,14 +100,22 @@ def _fused_bwd_kernel(gr_ptr, gr_s0, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, idx_p
     a = tl.load(irow + (K + ll).to(tl.int64) * i_s1, mask=lv, other=-2)
     qt = tl.load(irow + (K + L + lk).to(tl.int64) * i_s1, mask=kv, other=-2)
     mq = kv & (tl.load(q2_ptr + row * q2_s0 + lk * q2_s1, mask=kv, other=0) != 0)
+    # ids outside [0, N) (only in a direct call with a made-up idx) read item 0 and get no gradient:
+    # nothing is read or written outside the rows
+    ok_qs = (qs >= 0) & (qs < N)
+    ok_a = (a >= 0) & (a < N)
+    ok_qt = (qt >= 0) & (qt < N)
     s_row = s_ptr + row * s_s0
     t_row = t_ptr + row * t_s0
-    xs = tl.load(s_row + qs * s_s1, mask=kv, other=0.0).to(tl.float32) / tau
-    ys = tl.load(t_row + qs * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
-    xa = tl.load(s_row + a * s_s1, mask=lv, other=0.0).to(tl.float32) / tau
-    ya = tl.load(t_row + a * t_s1, mask=lv, other=0.0).to(tl.float32) / tau
-    xq = tl.load(s_row + qt * s_s1, mask=mq, other=0.0).to(tl.float32) / tau
-    yq = tl.load(t_row + qt * t_s1, mask=mq, other=0.0).to(tl.float32) / tau
+    qs_r = tl.where(ok_qs, qs, 0)
+    a_r = tl.where(ok_a, a, 0)
+    qt_r = tl.where(ok_qt, qt, 0)
+    xs = tl.load(s_row + qs_r * s_s1, mask=kv, other=0.0).to(tl.float32) / tau
+    ys = tl.load(t_row + qs_r * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
+    xa = tl.load(s_row + a_r * s_s1, mask=lv, other=0.0).to(tl.float32) / tau
+    ya = tl.load(t_row + a_r * t_s1, mask=lv, other=0.0).to(tl.float32) / tau
+    xq = tl.load(s_row + qt_r * s_s1, mask=mq, other=0.0).to(tl.float32) / tau
+    yq = tl.load(t_row + qt_r * t_s1, mask=mq, other=0.0).to(tl.float32) / tau
     _l1, mx1, sx1, my1, sy1 = ce_one(xs, ys, kv)
     _l2, mx2, sx2, my2, sy2 = ce_two(xa, ya, lv, xq, yq, mq)
     gamma = tl.load(gam_ptr + row * gam_s0).to(tl.float32)
@@ -120,9 +128,9 @@ def _fused_bwd_kernel(gr_ptr, gr_s0, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, idx_p
     d_a = soft_diff(xa, ya, lv, mx2, sx2, my2, sy2, c2) + soft_diff(xa, ya, lv & a_in_qs, mx1, sx1, my1, sy1, c1)
     d_qt = soft_diff(xq, yq, mq, mx2, sx2, my2, sy2, c2)
     o_row = out_ptr + row * N
-    tl.store(o_row + qs, d_qs, mask=kv & (qs_in_a == 0))
-    tl.store(o_row + a, d_a, mask=lv)
-    tl.store(o_row + qt, d_qt, mask=mq)
+    tl.store(o_row + qs_r, d_qs, mask=kv & ok_qs & (qs_in_a == 0))
+    tl.store(o_row + a_r, d_a, mask=lv & ok_a)
+    tl.store(o_row + qt_r, d_qt, mask=mq & ok_qt)
 
 
 def fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, cfg):

@@ -62,7 +62,10 @@ def _chunk_top_kernel(src_ptr, src_s0, src_s1, ex_ptr, ex_s0, ex_s1, out_ptr, n_
             e = tl.load(ex_ptr + row64 * ex_s0 + cols * ex_s1, mask=inb, other=1)
             valid = valid & (e == 0)
         hi = tl.where(valid, ord_key(x), 0)
-        key = tl.where(valid, composite(hi, cols), 0)
+        # an excluded item keeps its id under the smallest score image (it ranks below every other
+        # item, by id: only a row with fewer than M eligible items, under validate=False, takes
+        # one); 0 only for the lanes past the row's end
+        key = tl.where(inb, composite(hi, cols), 0)
     take = take_top(hi >> LOW, R, 32 - LOW, RADIX)
     slot = tl.cumsum(take.to(tl.int32), 0) - 1
     dst = out_ptr + row64 * n_chunks * R + chunk * R
@@ -98,7 +101,7 @@ def top_keys(x: torch.Tensor, exclude, R: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- phase 2
 @triton.jit
 def row_sets(row64, s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1, k2_ptr,
-             scr_ptr, mark_ptr, K, M, L, T_hi, T_lo, has_ex, qt_given, paper,
+             scr_ptr, mark_ptr, N, K, M, L, T_hi, T_lo, has_ex, qt_given, paper,
              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, LOG_M: tl.constexpr):
     """The sets of one row from its pool keys (phase 1) and QT (keys or given ids).
 
@@ -118,7 +121,10 @@ def row_sets(row64, s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, t
 
     # ---- QT in teacher order
     if qt_given != 0:
+        # given ids are checked when validate=True; otherwise one outside [0, N) is clamped into
+        # it, so that nothing is read or written outside the rows (that row's loss is unspecified)
         qt = tl.load(tq_ptr + row64 * tq_s0 + lk * tq_s1, mask=kv, other=0)
+        qt = tl.minimum(tl.maximum(qt, 0), N - 1)
     else:
         tk = tl.load(tq_ptr + row64 * tq_s0 + lk, mask=kv, other=0).to(tl.uint64, bitcast=True)
         tk = tl.sort(tk, descending=True)
@@ -186,15 +192,15 @@ def store_sets(row64, idx_ptr, W, q2_ptr, p_item, qt, a_item, q2, K, L,
     tl.store(q2_ptr + row64 * K + lk, q2.to(tl.uint8), mask=lk < K)
 
 
-@triton.jit(do_not_specialize=["s_s0", "s_s1", "ex_s0", "ex_s1", "tq_s0", "tq_s1", "W", "K", "M", "L", "has_ex",
-                              "qt_given", "paper"])
+@triton.jit(do_not_specialize=["s_s0", "s_s1", "ex_s0", "ex_s1", "tq_s0", "tq_s1", "W", "N", "K", "M", "L",
+                              "has_ex", "qt_given", "paper"])
 def _select_rows_kernel(s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1, k2_ptr,
-                        scr_ptr, mark_ptr, idx_ptr, W, q2_ptr, counts_ptr, K, M, L, T_hi, T_lo, has_ex, qt_given,
+                        scr_ptr, mark_ptr, idx_ptr, W, q2_ptr, counts_ptr, N, K, M, L, T_hi, T_lo, has_ex, qt_given,
                         paper, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, LOG_M: tl.constexpr):
     row64 = tl.program_id(0).to(tl.int64)
     p_item, qt, _sq, a_item, q2, n_q1, n_qa = row_sets(
         row64, s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1, k2_ptr, scr_ptr, mark_ptr,
-        K, M, L, T_hi, T_lo, has_ex, qt_given, paper, BLOCK_K, BLOCK_M, LOG_M)
+        N, K, M, L, T_hi, T_lo, has_ex, qt_given, paper, BLOCK_K, BLOCK_M, LOG_M)
     store_sets(row64, idx_ptr, W, q2_ptr, p_item, qt, a_item, q2, K, L, BLOCK_K, BLOCK_M)
     tl.store(counts_ptr + row64 * 2, n_q1.to(tl.int64))
     tl.store(counts_ptr + row64 * 2 + 1, n_qa.to(tl.int64))
@@ -221,7 +227,7 @@ def prepare(s, t, teacher_topk, exclude, row_ids, cfg, seed):
               tq_s1=1 if tq_s is None else tq_s[1], k2_ptr=rng.row_keys(seed, row_ids),
               scr_ptr=torch.empty((B, BM), dtype=torch.int64, device=dev),
               mark_ptr=torch.empty((B, BM), dtype=torch.int32, device=dev),
-              idx_ptr=idx, W=2 * K + L, q2_ptr=C.as_u8(q2), K=K, M=M, L=L, T_hi=T_hi, T_lo=T_lo,
+              idx_ptr=idx, W=2 * K + L, q2_ptr=C.as_u8(q2), N=N, K=K, M=M, L=L, T_hi=T_hi, T_lo=T_lo,
               has_ex=int(exclude is not None), qt_given=int(teacher_topk is not None), paper=int(cfg.mode == "paper"),
               BLOCK_K=BK, BLOCK_M=BM, LOG_M=BM.bit_length(), num_warps=C.warps_for(4 * BM))
     return kw, idx, q2
