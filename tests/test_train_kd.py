@@ -255,3 +255,106 @@ def test_gumbel_topk_distribution():
     pick = gumbel_topk(logw, 1, g)[:, 0]
     assert not (pick == 2).any()  # zero weight never drawn
     assert float((pick == 1).float().mean()) == pytest.approx(0.75, abs=0.02)
+
+
+# --- the authors' variants of the baselines -----------------------------------------------------------
+def test_cd_authors_variant(setting):
+    """guide: student, draw: pairwise, exclude_train, target sigmoid((t + shift) / target_T)."""
+    data, teacher, student, full_t = setting
+    kd = CD(teacher, data, seed=4, L=3, pool=25, T=8.0, guide="student", draw="pairwise", exclude_train=True,
+            target_T=2.0, target_shift=0.5)
+    kd.on_epoch_start(student, 1)
+    s_all = (student.user_emb.weight @ student.item_emb.weight.T).detach()
+    for u in range(data.num_users):
+        train = set(data.train.items_of(u).tolist())
+        ranked = [j for j in brute_topk(s_all[u], data.num_items) if j not in train][:25]
+        items = kd.items[u].tolist()
+        assert len(set(items)) == 3 and set(items) <= set(ranked)
+    users = torch.tensor([2, 2, 40])  # one row per occurrence (the authors' CD)
+    uv, iv = student.represent(users)
+    loss, _ = kd.batch_loss(users, uv, iv, 0)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    want = 0.0
+    for r, u in enumerate(users.tolist()):
+        for j in kd.items[u].tolist():
+            y, p = sig((float(full_t[u, j]) + 0.5) / 2.0), sig(float((uv[r] * iv[j]).sum().detach()))
+            want -= y * math.log(p) + (1 - y) * math.log(1 - p)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
+
+
+def test_pairwise_rank_sampling_distribution():
+    """Best of two draws: P(position k) = p_k^2 + 2 p_k sum_{j > k} p_j for the first item drawn."""
+    from rcekd_train.kd.baselines import pairwise_rank_sampling
+    g = torch.Generator().manual_seed(1)
+    pos = pairwise_rank_sampling(4, 1, 2.0, g, 40000)
+    w = [math.exp(-(k + 1) / 2.0) for k in range(4)]
+    p = [x / sum(w) for x in w]
+    want = [p[k] ** 2 + 2 * p[k] * sum(p[k + 1:]) for k in range(4)]
+    got = [float((pos[:, 0] == k).float().mean()) for k in range(4)]
+    assert got == pytest.approx(want, abs=0.01)
+    # n distinct positions per row
+    pos = pairwise_rank_sampling(6, 5, 50.0, g, 300)
+    assert all(len(set(r)) == 5 for r in pos.tolist())
+
+
+def test_rrd_authors_variant(setting):
+    """exclude_train: the teacher's list skips training items and none is drawn as uninteresting;
+    user_weight: one: a user repeated in a batch counts once."""
+    data, teacher, student, full_t = setting
+    kd = RRD(teacher, data, seed=1, K=6, L=8, pool=20, T=5.0, exclude_train=True, user_weight="one")
+    kd.on_epoch_start(student, 0)
+    for u in range(data.num_users):
+        train = set(data.train.items_of(u).tolist())
+        top = [j for j in brute_topk(full_t[u], data.num_items) if j not in train][:20]
+        inter, unint = kd.interesting[u].tolist(), kd.uninteresting[u].tolist()
+        assert set(inter) <= set(top) and [top.index(i) for i in inter] == sorted(top.index(i) for i in inter)
+        assert not set(unint) & (set(top) | train)
+    users = torch.tensor([8, 8, 8, 3])
+    uv, iv = student.represent(users)
+    loss, _ = kd.batch_loss(users, uv, iv, 0)
+    want = 0.0
+    for u in (8, 3):
+        s = (student.user_emb.weight[u] @ student.item_emb.weight.T).detach()
+        o, b = s[kd.interesting[u]].tolist(), s[kd.uninteresting[u]].tolist()
+        want -= sum(o[k] - math.log(sum(math.exp(x) for x in o[k:]) + sum(math.exp(x) for x in b))
+                    for k in range(6))
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
+
+
+def test_dcd_authors_variant(setting):
+    """over_from: teacher, order: under_over, exclude_train: both sides from the teacher's list without
+    training items; the under-ranked items (d = rank_S - rank_T > 0 most likely) above the over-ranked."""
+    data, teacher, student, full_t = setting
+    kd = DCD(teacher, data, seed=3, L=4, pool=15, scale=3.0, floor=1e-5, over_from="teacher", order="under_over",
+             exclude_train=True, user_weight="one")
+    kd.on_epoch_start(student, 0)
+    s_all = (student.user_emb.weight @ student.item_emb.weight.T).detach()
+    exact = 0
+    for u in range(data.num_users):
+        train = set(data.train.items_of(u).tolist())
+        t_list = [j for j in brute_topk(full_t[u], data.num_items) if j not in train][:15]
+        under, over = kd.items[u].tolist(), kd.below[u].tolist()
+        assert len(set(under)) == 4 and len(set(over)) == 4 and set(under) | set(over) <= set(t_list)
+        # d = student rank (over all items) - position in the teacher's list
+        d = {j: int((s_all[u] > s_all[u, j]).sum()) - t_list.index(j) for j in t_list}
+        n_pos, n_neg = sum(v > 0 for v in d.values()), sum(v < 0 for v in d.values())
+        # weights tanh(|d| / scale) >= 0.32 against the floor 1e-5: the items with the right sign come first
+        exact += (sum(d[j] > 0 for j in under) == min(4, n_pos)) and (sum(d[j] < 0 for j in over) == min(4, n_neg))
+    assert exact >= 0.97 * data.num_users
+    users = torch.tensor([5, 5])
+    uv, iv = student.represent(users)
+    loss, _ = kd.batch_loss(users, uv, iv, 0)
+    s = s_all[5]
+    o, b = s[kd.items[5]].tolist(), s[kd.below[5]].tolist()
+    want = -sum(o[k] - math.log(sum(math.exp(x) for x in o[k:]) + sum(math.exp(x) for x in b)) for k in range(4))
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
+
+
+def test_baseline_options_are_checked(setting):
+    data, teacher, student, full_t = setting
+    with pytest.raises(ValueError, match="guide"):
+        CD(teacher, data, guide="both")
+    with pytest.raises(ValueError, match="over_from"):
+        DCD(teacher, data, over_from="x")
+    with pytest.raises(ValueError, match="user_weight"):
+        RRD(teacher, data, user_weight="twice").batch_loss(torch.tensor([0]), *student.represent(torch.tensor([0])), 0)

@@ -109,6 +109,9 @@ def build_parser():
     e.add_argument("--ks", type=int, nargs="+", default=[10, 20])
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--convention", choices=["ours", "authors"], default=None,
+                   help="how metrics are averaged over users (default: the run's train.metric_convention): ours = "
+                   "over the users with items in the split; authors = their code (users without items count as 0)")
 
     w = sub.add_parser("download", help="fetch the public data files and verify their sha256",
                        description="Downloads CiteULike (users.dat, then writes split_811/), Gowalla and "
@@ -195,11 +198,12 @@ def cmd_evaluate(a):
     model = build_model(cfg["model"]["name"], data, **model_hparams(cfg))
     model.load_state_dict(saved["state"])
     model.to(a.device or cfg.get("device") or "cpu")
-    res = evaluate_model(model, data, tuple(a.ks), tuple(a.splits))
+    conv = a.convention or cfg.get("train", {}).get("metric_convention", "ours")
+    res = evaluate_model(model, data, tuple(a.ks), tuple(a.splits), convention=conv)
     if a.json:
-        print(json.dumps({"run": a.run, "epoch": saved.get("epoch"), **res}, indent=1))
+        print(json.dumps({"run": a.run, "epoch": saved.get("epoch"), "metric_convention": conv, **res}, indent=1))
     else:
-        print(f"{a.run} (best epoch {saved.get('epoch')})")
+        print(f"{a.run} (best epoch {saved.get('epoch')}, metrics averaged by the {conv!r} convention)")
         for split, ms in res.items():
             print(f"  {split:5s} " + "  ".join(f"{m} {v:.4f}" for m, v in ms.items()))
     return 0

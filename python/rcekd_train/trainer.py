@@ -254,7 +254,8 @@ class Trainer:
             row["time_train_s"] = t2 - t1
             improved = False
             if (epoch + 1) % int(t["eval_every"]) == 0 or epoch + 1 == int(t["epochs"]):
-                res = evaluate_model(model, self.data, self.ks, batch_size=int(t.get("eval_batch_size", 1024)))
+                res = evaluate_model(model, self.data, self.ks, batch_size=int(t.get("eval_batch_size", 1024)),
+                                     convention=t.get("metric_convention", "ours"))
                 for split, ms in res.items():
                     row.update({f"{split}_{m}": v for m, v in ms.items()})
                 cur = res["valid"][self.metric]
@@ -322,6 +323,7 @@ class Trainer:
             "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
             "valid": {m: best_row.get(f"valid_{m}") for m in metric_names(self.ks)},
             "test": {m: best_row.get(f"test_{m}") for m in metric_names(self.ks)},
+            "metric_convention": cfg["train"].get("metric_convention", "ours"),
             "mean_epoch_time_s": float(np.mean([r["time_epoch_s"] for r in hist])) if hist else 0.0,
             "mean_train_time_s": float(np.mean([r["time_train_s"] for r in hist])) if hist else 0.0,
             "total_time_s": state["elapsed_s"],
