@@ -91,6 +91,9 @@ def build_parser():
                        "top-K items per user (teacher_topk.pt) for distillation.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--model", required=True, choices=["mf", "lightgcn", "hstu"])
+    t.add_argument("--keep-every", type=int, default=None, metavar="E",
+                   help="also keep the weights every E epochs in OUT/trajectory/ (train.keep_every; HetComp "
+                   "distils from this trajectory)")
     _common(t)
 
     s = sub.add_parser("distill", help="train a student, from scratch (--kd none) or distilled from a teacher",
@@ -151,7 +154,9 @@ def _user_config(path):
 def cmd_train_teacher(a):
     from .config import resolve
     from .runs import run_seeds
-    cfg = resolve(a.dataset, "teacher", a.model, user_config=_user_config(a.config), sets=a.sets, flags=_flags(a))
+    flags = _flags(a)
+    flags["train.keep_every"] = a.keep_every
+    cfg = resolve(a.dataset, "teacher", a.model, user_config=_user_config(a.config), sets=a.sets, flags=flags)
     out = a.out or os.path.join("runs", cfg["dataset"], f"teacher-{a.model}")
     res = run_seeds(cfg, out, a.seeds, a.resume)
     print(json.dumps({k: res.get(k) for k in ("status", "best_epoch", "test") if k in res} if not a.seeds else
