@@ -358,3 +358,83 @@ def test_baseline_options_are_checked(setting):
         DCD(teacher, data, over_from="x")
     with pytest.raises(ValueError, match="user_weight"):
         RRD(teacher, data, user_weight="twice").batch_loss(torch.tensor([0]), *student.represent(torch.tensor([0])), 0)
+
+
+# --- the ablations of the paper's Figure 3 (variants of the rcekd method) --------------------------------
+def hand_variant(s_row, t_row, qs, a, qt, beta, K, tau, mode, variant, c=0.5):
+    """Each variant written out for one row from its sets: full / l1_only / const_gamma / no_split."""
+    qs, a, qt = list(qs), list(a), list(qt)
+
+    def ce(items):
+        tt = torch.stack([t_row[j] for j in items]) / tau
+        ss = torch.stack([s_row[j] for j in items]) / tau
+        return -(torch.softmax(tt, 0) * torch.log_softmax(ss, 0)).sum()
+
+    if variant == "no_split":
+        return ce(list(dict.fromkeys(a + qt)))  # X = A union QT, each item once
+    q2 = [i for i in qt if i not in qs]
+    U = list(dict.fromkeys(a + q2))
+    n = len(set(qt) & set(qs)) if mode == "paper" else len(set(qt) & set(a))
+    gamma = {"full": math.exp(-beta * n / K), "l1_only": 0.0, "const_gamma": c}[variant]
+    return (1 - gamma) * ce(qs) + gamma * ce(U)
+
+
+@pytest.mark.parametrize("variant", ["l1_only", "const_gamma", "no_split", "full"])
+@pytest.mark.parametrize("refresh", ["epoch", "batch"])
+def test_rcekd_ablation_variants_match_hand_formula(setting, variant, refresh):
+    data, teacher, student, full_t = setting
+    K, M, L, beta, tau, c = 6, 15, 5, 3.0, 2.0, 0.3
+    kd = RCEKD(teacher, data, seed=7, K=K, M=M, L=L, beta=beta, tau=tau, mode="official", refresh=refresh,
+               variant=variant, gamma=c, reduction="sum")
+    kd.on_epoch_start(student, 0)
+    users = torch.tensor([3, 7, 50, 119])
+    uv, iv = student.represent(users)
+    loss, diag = kd.batch_loss(users, uv, iv, step=2)
+    loss.backward()
+    got_grad = student.user_emb.weight.grad.clone()
+    student.zero_grad()
+
+    uv, iv = student.represent(users)
+    s_full = uv @ iv.T
+    if refresh == "epoch":
+        sel = kd.selection[users]
+    else:
+        sel = select(s_full.detach(), teacher_topk=teacher.topk(users, K), K=K, M=M, L=L, T=10.0, beta=beta,
+                     mode="official", seed=mix_seed(7, 2, 2), row_ids=users)
+    want = 0.0
+    for r, u in enumerate(users.tolist()):
+        assert sel.student_topk[r].tolist() == brute_topk(s_full[r].detach(), K)
+        want = want + hand_variant(s_full[r], full_t[u], sel.student_topk[r].tolist(), sel.sampled[r].tolist(),
+                                   sel.teacher_topk[r].tolist(), beta, K, tau, "official", variant, c)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
+    want.backward()
+    assert torch.allclose(got_grad, student.user_emb.weight.grad, rtol=1e-4, atol=1e-5)
+    student.zero_grad()
+    if variant == "no_split":
+        assert "gamma" not in diag and "L1" not in diag
+    elif variant != "full":
+        assert float(diag["gamma"]) == pytest.approx({"l1_only": 0.0, "const_gamma": c}[variant])
+        assert 0 < float(diag["gamma_adaptive"]) <= 1
+
+
+def test_rcekd_variant_options_are_checked(setting):
+    data, teacher, student, full_t = setting
+    with pytest.raises(ValueError, match="variant"):
+        RCEKD(teacher, data, variant="wo_sep")
+    with pytest.raises(ValueError, match="gamma"):
+        RCEKD(teacher, data, variant="const_gamma", gamma=1.5)
+
+
+def test_masked_ce_rows_formula():
+    from rcekd_train.kd.rcekd import masked_ce_rows
+    s = torch.tensor([[1.0, 2.0, 0.5, 9.0]], requires_grad=True)
+    t = torch.tensor([[0.3, 0.1, 2.0, -5.0]])
+    mask = torch.tensor([[True, False, True, True]])
+    got = masked_ce_rows(s, t, mask, 2.0)
+    X = [0, 2, 3]
+    pt = [math.exp(float(t[0, j]) / 2) for j in X]
+    ps = [math.exp(float(s[0, j].detach()) / 2) for j in X]
+    want = -sum(pt[i] / sum(pt) * math.log(ps[i] / sum(ps)) for i in range(3))
+    assert float(got[0]) == pytest.approx(want, rel=1e-6)
+    got.sum().backward()
+    assert float(s.grad[0, 1]) == 0.0 and torch.isfinite(s.grad).all()

@@ -66,6 +66,9 @@ def _common(p, student=False):
         g.add_argument("--refresh", choices=["epoch", "batch"], default=None,
                        help="RCE-KD / CE: recompute the sets once per epoch (authors) or every batch")
         g.add_argument("--reduction", choices=["sum", "mean"], default=None, help="KD loss over users")
+        g.add_argument("--variant", choices=["full", "no_split", "l1_only", "const_gamma"], default=None,
+                       help="RCE-KD or one of its ablations (the paper's Figure 3: w/o sep, w/o S, w/ const; "
+                       "the constant is kd.gamma)")
 
 
 def build_parser():
@@ -140,7 +143,8 @@ def _flags(a, student=False):
         f["train.progress"] = False
     if student:
         f.update({"kd.lambda": a.lam, "kd.K": a.K, "kd.M": a.M, "kd.L": a.L, "kd.tau": a.tau, "kd.T": a.T,
-                  "kd.beta": a.beta, "kd.mode": a.mode, "kd.refresh": a.refresh, "kd.reduction": a.reduction})
+                  "kd.beta": a.beta, "kd.mode": a.mode, "kd.refresh": a.refresh, "kd.reduction": a.reduction,
+                  "kd.variant": a.variant})
     return f
 
 
