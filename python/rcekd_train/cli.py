@@ -126,6 +126,25 @@ def build_parser():
     w.add_argument("--data-dir", default=None, help="target folder (default: $RCEKD_DATA)")
     w.add_argument("--force", action="store_true", help="download even when a verified copy exists")
     w.add_argument("--verify", action="store_true", help="only check the files already there")
+    q = sub.add_parser("reproduce", help="the resumable queue of every run of the paper's Table 1 and ablations",
+                       description="Runs every run of the paper's Table 1 on one data set (teachers, scratch "
+                       "students, CD, RRD, DCD, HetComp, RCE-KD per pair) and the Figure 3 ablations, for each "
+                       "seed, in RUNS_DIR/<run>/seed_<s>. Finished runs are skipped and interrupted ones "
+                       "resumed: kill it at any moment and start the same command again. A student of seed s "
+                       "distils from the teacher of seed s. Progress: RUNS_DIR/reproduce.log.")
+    q.add_argument("--dataset", required=True)
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--runs-dir", required=True, help="where the runs live (e.g. runs/citeulike/table)")
+    q.add_argument("--data-dir", default=None)
+    q.add_argument("--list", action="store_true", help="print the plan with each run's state and exit")
+    q.add_argument("--only", nargs="+", default=None, metavar="GLOB",
+                   help="only the runs whose id (NAME/seed_S) or name matches, e.g. 'teacher-*' '*/seed_0'")
+    q.add_argument("--max-minutes-per-run", type=float, default=None, metavar="N",
+                   help="give each run at most N minutes per pass (it is resumed in the next pass)")
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--device", default=None)
+    q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of every run (changes the results; for tests and trials)")
     c = sub.add_parser("collect", help="gather finished runs into a small results folder",
                        description="Copies result.json, history.csv, curves.png and the config of finished runs "
                        "into OUT/<run>/ and writes OUT/summary.{csv,json,md}; no checkpoints, no machine paths.")
@@ -241,6 +260,16 @@ def cmd_collect(a):
     return 0 if rows else 1
 
 
+def cmd_reproduce(a):
+    from .reproduce import Queue
+    q = Queue(a.dataset, a.seeds, a.runs_dir, data_dir=a.data_dir, only=a.only, threads=a.threads,
+              device=a.device, max_minutes_per_run=a.max_minutes_per_run, sets=a.sets)
+    if a.list:
+        print(q.listing())
+        return 0
+    return 0 if q.run() == 0 else 1
+
+
 def cmd_demo(a):
     from .config import resolve
     from .runs import format_table, run_seeds
@@ -296,7 +325,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     fn = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd_distill, "evaluate": cmd_evaluate,
-          "download": cmd_download, "collect": cmd_collect}[a.command]
+          "download": cmd_download, "collect": cmd_collect, "reproduce": cmd_reproduce}[a.command]
     try:
         return fn(a)
     except (ValueError, FileNotFoundError) as e:
