@@ -73,7 +73,7 @@ def _common(p, student=False):
 
 def build_parser():
     p = argparse.ArgumentParser(prog="rcekd", description="Training drivers for RCE-KD (knowledge distillation "
-                                "for recommender systems): MF, LightGCN, HSTU; RCE-KD, CE, CD, RRD, DCD.",
+                                "for recommender systems): MF, LightGCN, HSTU; RCE-KD, CE, CD, RRD, DCD, HetComp.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -103,7 +103,7 @@ def build_parser():
                        description="Trains a student with base loss + lambda * KD loss. --kd none trains it from "
                        "scratch (the student's own settings); other methods need --teacher.")
     s.add_argument("--student", required=True, choices=["mf", "lightgcn", "hstu"])
-    s.add_argument("--kd", default="rcekd", choices=["none", "rcekd", "ce", "cd", "rrd", "dcd"])
+    s.add_argument("--kd", default="rcekd", choices=["none", "rcekd", "ce", "cd", "rrd", "dcd", "hetcomp"])
     s.add_argument("--teacher", default=None, help="teacher run directory (from train-teacher)")
     _common(s, student=True)
 

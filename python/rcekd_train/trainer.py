@@ -207,6 +207,8 @@ class Trainer:
             random.setstate(ck["python_rng"])
             if ck.get("cuda_rng") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ck["cuda_rng"])
+            if kd is not None and ck.get("kd_state"):
+                kd.load_state_dict(ck["kd_state"])  # methods with a curriculum (HetComp) continue it
             state = ck["state"]
             self.log(f"resumed {self.out} after epoch {state['epoch']}")
         if state["done"]:
@@ -294,6 +296,7 @@ class Trainer:
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                           "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                           "python_rng": random.getstate(), "state": state,
+                          "kd_state": kd.state_dict() if kd is not None else None,
                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                          ckpt_path)
             self._write_history(state["history"])
