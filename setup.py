@@ -136,7 +136,7 @@ setup(
     packages=find_packages(include=["rcekd_kernels", "rcekd_kernels.*"])
     + find_packages(where="python", include=["rcekd_train", "rcekd_train.*"]),
     package_dir={"rcekd_train": "python/rcekd_train"},
-    package_data={"rcekd_train": ["configs/*.yaml"]},
+    package_data={"rcekd_train": ["configs/*.yaml", "paper_results.yaml"]},
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],

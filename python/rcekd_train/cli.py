@@ -145,10 +145,19 @@ def build_parser():
     q.add_argument("--device", default=None)
     q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of every run (changes the results; for tests and trials)")
-    c = sub.add_parser("collect", help="gather finished runs into a small results folder",
+    c = sub.add_parser("collect", help="gather finished runs into a small results folder (or the paper-layout "
+                       "report of a reproduce queue)",
                        description="Copies result.json, history.csv, curves.png and the config of finished runs "
-                       "into OUT/<run>/ and writes OUT/summary.{csv,json,md}; no checkpoints, no machine paths.")
-    c.add_argument("runs", nargs="+", help="run directories")
+                       "into OUT/<run>/ and writes OUT/summary.{csv,json,md}; no checkpoints, no machine paths. "
+                       "With --runs-dir (the folder of `rcekd reproduce`): the paper's Table 1 layout, mean ± std "
+                       "over seeds, the paper's values beside ours with the relative difference, a paired t-test "
+                       "of RCE-KD against the best baseline per pair, the ablation table and a bar plot "
+                       "(OUT/summary.{md,csv,json,png}, the runs' files in OUT/runs/).")
+    c.add_argument("runs", nargs="*", help="run directories")
+    c.add_argument("--runs-dir", default=None, help="the --runs-dir of `rcekd reproduce`: the paper-layout report")
+    c.add_argument("--dataset", default=None, help="with --runs-dir: the data set (the paper's values to compare)")
+    c.add_argument("--seeds", type=int, nargs="+", default=None, help="with --runs-dir: only these seeds")
+    c.add_argument("--no-copy", action="store_true", help="with --runs-dir: do not copy the runs' files")
     c.add_argument("--out", required=True, help="results folder, e.g. results/citeulike")
     return p
 
@@ -254,7 +263,18 @@ def cmd_download(a):
 
 
 def cmd_collect(a):
-    from .report import collect
+    from .report import collect, table_report
+    if a.runs_dir:
+        if a.runs:
+            raise ValueError("give either run directories or --runs-dir, not both")
+        if not a.dataset:
+            raise ValueError("--runs-dir needs --dataset (whose paper values to put beside ours)")
+        rep = table_report(a.runs_dir, a.dataset, a.out, seeds=a.seeds, copy_runs=not a.no_copy)
+        print(f"report of {sum(r['n'] for e in rep['table1'].values() for r in e['rows'].values())} table "
+              f"run(s) (seeds {rep['seeds']}) in {a.out}/summary.md")
+        return 0
+    if not a.runs:
+        raise ValueError("give run directories, or --runs-dir DIR --dataset NAME")
     rows = collect(a.runs, a.out)
     print(f"collected {len(rows)} run(s) into {a.out}")
     return 0 if rows else 1
