@@ -435,6 +435,28 @@ def test_masked_ce_rows_formula():
     pt = [math.exp(float(t[0, j]) / 2) for j in X]
     ps = [math.exp(float(s[0, j].detach()) / 2) for j in X]
     want = -sum(pt[i] / sum(pt) * math.log(ps[i] / sum(ps)) for i in range(3))
-    assert float(got[0]) == pytest.approx(want, rel=1e-6)
+    assert float(got[0].detach()) == pytest.approx(want, rel=1e-6)
     got.sum().backward()
     assert float(s.grad[0, 1]) == 0.0 and torch.isfinite(s.grad).all()
+
+
+def test_dcd_teacher_ranks_kept_across_epochs(setting):
+    """over_from: teacher keeps the teacher's ranks from the first epoch: a later epoch draws exactly what a
+    fresh instance computing them again draws."""
+    data, teacher, student, full_t = setting
+    hp = dict(L=4, pool=15, scale=3.0, over_from="teacher", order="under_over", exclude_train=True)
+    kd = DCD(teacher, data, seed=3, **hp)
+    kd.on_epoch_start(student, 0)
+    with torch.no_grad():
+        student.user_emb.weight.add_(0.3 * torch.randn_like(student.user_emb.weight))
+    kd.on_epoch_start(student, 1)
+    fresh = DCD(teacher, data, seed=3, **hp)
+    fresh.on_epoch_start(student, 1)
+    assert torch.equal(kd.items, fresh.items) and torch.equal(kd.below, fresh.below)
+    for order in ("teacher",):
+        a = DCD(teacher, data, seed=3, **dict(hp, order=order))
+        a.on_epoch_start(student, 0)
+        a.on_epoch_start(student, 1)
+        b = DCD(teacher, data, seed=3, **dict(hp, order=order))
+        b.on_epoch_start(student, 1)
+        assert torch.equal(a.items, b.items)

@@ -263,17 +263,27 @@ class DCD(KDMethod):
         g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 5))
         uv, iv = self.student_vectors(student)
         tlist = teacher_list(self.teacher, self.data, h["pool"], h["exclude_train"], 1024, self)
+        # over_from: teacher -> only the teacher's ranks of its own list are needed, and the teacher is frozen:
+        # they are computed on the first epoch and kept (same values, no teacher rows afterwards)
+        keep_rank_t = h["over_from"] == "teacher"
+        fresh = not keep_rank_t or getattr(self, "_rank_t", None) is None
+        rank_t_parts = []
         out, below = [], []
-        for users in self.chunks(self.data.num_users, h["chunk"]):
+        for ci, users in enumerate(self.chunks(self.data.num_users, h["chunk"])):
             users = users.to(uv.device)
             s = dot_all(uv[users], iv).float()
-            t = self.teacher.score_rows(users).float()
-            if h["exclude_train"]:
-                t = t.masked_fill(self.data.train_mask_rows(users), float("-inf"))
             s_sorted = torch.sort(s, dim=1, descending=True).values
-            t_sorted = torch.sort(t, dim=1, descending=True).values
             qt = tlist[users.to(tlist.device)].to(uv.device)
-            d_up = self.ranks_sorted(s_sorted, s, qt) - self.ranks_sorted(t_sorted, t, qt)
+            if fresh:
+                t = self.teacher.score_rows(users).float()
+                if h["exclude_train"]:
+                    t = t.masked_fill(self.data.train_mask_rows(users), float("-inf"))
+                t_sorted = torch.sort(t, dim=1, descending=True).values
+                rank_t = self.ranks_sorted(t_sorted, t, qt)
+                rank_t_parts.append(rank_t)
+            else:
+                rank_t = self._rank_t[ci]
+            d_up = self.ranks_sorted(s_sorted, s, qt) - rank_t
             if h["over_from"] == "student":
                 cand = ranked_topk(s, h["pool"])
                 d_down = self.ranks_sorted(t_sorted, t, cand) - self.ranks_sorted(s_sorted, s, cand)
@@ -283,11 +293,15 @@ class DCD(KDMethod):
             down = cand.gather(1, gumbel_topk(self._logw(d_down), h["L"], g))
             if h["order"] == "teacher":
                 both = torch.cat([up, down], dim=1)
-                order = torch.sort(t.gather(1, both), dim=1, descending=True, stable=True).indices
+                # (without fresh teacher rows every item is from the teacher's list: no training item)
+                t_both = t.gather(1, both) if fresh else self.teacher.score_items(users, both).float()
+                order = torch.sort(t_both, dim=1, descending=True, stable=True).indices
                 out.append(both.gather(1, order))
             else:
                 out.append(up)
                 below.append(down)
+        if keep_rank_t and fresh:
+            self._rank_t = rank_t_parts
         self.items = torch.cat(out)
         self.below = torch.cat(below) if below else None
 
