@@ -96,13 +96,26 @@ def test_queue_states_and_blocked_students(tmp_path, capsys):
         Queue("synthetic", [3], runs_dir, only=["nothing*"])
 
 
-def test_queue_refuses_a_second_live_queue(tmp_path):
+def test_queues_share_a_runs_dir_through_run_locks(tmp_path):
     runs_dir = str(tmp_path / "q")
-    os.makedirs(runs_dir)
-    with open(os.path.join(runs_dir, ".reproduce.lock"), "w") as f:
-        f.write(str(os.getppid()))  # a live process that is not this one
-    with pytest.raises(ValueError, match="another `rcekd reproduce`"):
-        Queue("synthetic", [0], runs_dir, only=["teacher-mf"], sets=TINY, out=io.StringIO()).run()
-    with open(os.path.join(runs_dir, ".reproduce.lock"), "w") as f:
+    out = os.path.join(runs_dir, "teacher-mf", "seed_0")
+    os.makedirs(out)
+    with open(os.path.join(out, ".run.lock"), "w") as f:
+        f.write(str(os.getppid()))  # a live process that is not this one is training it
+    buf = io.StringIO()
+    q = Queue("synthetic", [0], runs_dir, only=["teacher-mf", "student-mf", "rcekd-mf-mf"], sets=TINY, out=buf,
+              wait_s=None)
+    assert q.run() == 2          # the held teacher and its student are left; the scratch student runs
+    log = open(os.path.join(runs_dir, "reproduce.log")).read()
+    assert "skip   teacher-mf/seed_0: another queue is running it" in log
+    assert "its teacher teacher-mf/seed_0 is being trained by another queue" in log
+    assert run_state(os.path.join(runs_dir, "student-mf", "seed_0"))[0] == "done"
+    assert not os.path.exists(os.path.join(runs_dir, "student-mf", "seed_0", ".run.lock"))  # released
+    with open(os.path.join(out, ".run.lock"), "w") as f:
+        f.write(f"{os.getppid()} 1")  # a live pid that started at another time: a reused pid, a stale lock
+    from rcekd_train.reproduce import _held_by_other
+    assert not _held_by_other(out)
+    with open(os.path.join(out, ".run.lock"), "w") as f:
         f.write("999999999")  # a dead process: its lock is taken over
-    assert Queue("synthetic", [0], runs_dir, only=["teacher-mf"], sets=TINY, out=io.StringIO()).run() == 0
+    assert Queue("synthetic", [0], runs_dir, only=["teacher-mf", "rcekd-mf-mf"], sets=TINY, out=io.StringIO(),
+                 wait_s=None).run() == 0

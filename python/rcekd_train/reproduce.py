@@ -9,8 +9,10 @@ the same seed (``DIR/teacher-<backbone>/seed_<s>``) and trains with seed s itsel
 
 Every action is appended to ``DIR/reproduce.log``; each run's epoch lines go to its ``train.log``.
 ``--list`` prints the plan with the state of each run: ``done`` (result.json of a finished run),
-``partial`` (a checkpoint, or a run ended by its time limit), ``todo`` (nothing yet). The queue is a thin
-layer over :func:`rcekd_train.runs.run_one`.
+``partial`` (a checkpoint, or a run ended by its time limit), ``todo`` (nothing yet). Several queues may
+work on one runs directory at once (e.g. one per free core): a run being trained holds ``.run.lock`` in its
+directory, and the other queues leave it alone. The queue is a thin layer over
+:func:`rcekd_train.runs.run_one`.
 """
 from __future__ import annotations
 
@@ -146,8 +148,10 @@ def run_config(r: PlannedRun, dataset: str, runs_dir: str, data_dir: Optional[st
 class Queue:
     def __init__(self, dataset: str, seeds: Sequence[int], runs_dir: str, data_dir: Optional[str] = None,
                  only: Optional[Sequence[str]] = None, threads: Optional[int] = 1, device: Optional[str] = None,
-                 max_minutes_per_run: Optional[float] = None, sets: Sequence[str] = (), out=sys.stdout):
+                 max_minutes_per_run: Optional[float] = None, sets: Sequence[str] = (), out=sys.stdout,
+                 wait_s: Optional[float] = 60.0):
         self.dataset, self.runs_dir, self.data_dir = dataset, runs_dir, data_dir
+        self.wait_s = wait_s
         self.sets = list(sets)
         self.threads, self.device, self.max_minutes = threads, device, max_minutes_per_run
         self.all = plan(seeds)
@@ -210,34 +214,53 @@ class Queue:
 
     def run(self) -> int:
         """Runs the selected runs in plan order until every one is done; with a per-run time limit it
-        makes passes over the plan (a student waits for its teacher). Returns the number not done."""
-        lock = self._lock()
+        makes passes over the plan. A student waits for its teacher; a run that another live queue holds
+        (its ``.run.lock``) is left to it, so several queues can share one runs directory (one per core).
+        When nothing can progress but another queue holds runs, it waits ``wait_s`` seconds and looks
+        again (``wait_s=None``: it returns). Returns the number of selected runs not done."""
         failed: Dict[str, str] = {}
-        try:
-            while True:
-                progressed = False
-                pending = [r for r in self.runs if self.state(r)[0] != "done" and r.id not in failed]
-                if not pending:
-                    break
-                for r in pending:
-                    if self.state(r)[0] == "done":
-                        continue
-                    if self.blocked(r):
-                        why = "failed" if r.teacher_id in failed else "is not done"
-                        self.log(f"wait   {r.id}: its teacher {r.teacher_id} {why}"
-                                 + ("" if any(t.id == r.teacher_id for t in self.runs) else
-                                    " and is not selected (--only)"))
-                        continue
-                    try:
-                        self.run_one(r)
-                    except Exception as e:  # one broken run must not stop the others
-                        failed[r.id] = f"{type(e).__name__}: {e}"
-                        self.log(f"FAILED {r.id}: {failed[r.id]}")
-                    progressed = True
-                if not progressed:
-                    break
-        finally:
-            lock()
+        said = set()
+
+        def say_once(key, msg):
+            if key not in said:
+                said.add(key)
+                self.log(msg)
+
+        while True:
+            progressed = busy = False
+            pending = [r for r in self.runs if self.state(r)[0] != "done" and r.id not in failed]
+            if not pending:
+                break
+            for r in pending:
+                if self.state(r)[0] == "done":
+                    continue
+                if self.blocked(r):
+                    t_out = os.path.join(self.runs_dir, r.teacher_id)
+                    why = ("failed" if r.teacher_id in failed else
+                           "is being trained by another queue" if _held_by_other(t_out) else "is not done")
+                    busy |= _held_by_other(t_out)
+                    say_once(("wait", r.id, why), f"wait   {r.id}: its teacher {r.teacher_id} {why}"
+                             + ("" if any(t.id == r.teacher_id for t in self.runs) else
+                                " and is not selected (--only)"))
+                    continue
+                release = _try_lock(r.out(self.runs_dir))
+                if release is None:
+                    busy = True
+                    say_once(("busy", r.id), f"skip   {r.id}: another queue is running it")
+                    continue
+                try:
+                    self.run_one(r)
+                except Exception as e:  # one broken run must not stop the others
+                    failed[r.id] = f"{type(e).__name__}: {e}"
+                    self.log(f"FAILED {r.id}: {failed[r.id]}")
+                finally:
+                    release()
+                progressed = True
+            if not progressed:
+                if busy and self.wait_s is not None:
+                    time.sleep(self.wait_s)
+                    continue
+                break
         left = [r.id for r in self.runs if self.state(r)[0] != "done"]
         if not left:
             self.log(f"all {len(self.runs)} runs done")
@@ -246,27 +269,63 @@ class Queue:
                      f"{', '.join(failed) or '-'}); rerun the same command to continue")
         return len(left)
 
-    def _lock(self):
-        """One queue per runs directory at a time (a stale lock of a dead process is taken over)."""
-        os.makedirs(self.runs_dir, exist_ok=True)
-        path = os.path.join(self.runs_dir, ".reproduce.lock")
-        if os.path.exists(path):
-            try:
-                pid = int(open(path).read().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise ValueError(f"another `rcekd reproduce` (pid {pid}) is running in {self.runs_dir} "
-                                 f"(remove {path} if it is not)")
-        with open(path, "w") as f:
-            f.write(str(os.getpid()))
 
-        def release():
+LOCK_NAME = ".run.lock"
+
+
+def _start_time(pid: int) -> str:
+    """The start time of a process (Linux /proc; '' elsewhere): a lock names "pid start", so a reused pid
+    after a reboot is not taken for the queue that left the lock."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _lock_owner(out: str):
+    try:
+        with open(os.path.join(out, LOCK_NAME)) as f:
+            parts = f.read().split()
+        return int(parts[0]), (parts[1] if len(parts) > 1 else "")
+    except (OSError, ValueError, IndexError):
+        return 0, ""
+
+
+def _held_by_other(out: str) -> bool:
+    pid, start = _lock_owner(out)
+    if not pid or pid == os.getpid() or not _alive(pid):
+        return False
+    return not start or not _start_time(pid) or start == _start_time(pid)
+
+
+def _try_lock(out: str):
+    """Takes ``out/.run.lock`` for this process (atomically; a lock of a dead process is taken over);
+    returns its release function, or None when another live process holds it."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, LOCK_NAME)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _held_by_other(out):
+                return None
             try:
-                os.remove(path)
+                os.remove(path)  # stale: its process is gone
             except OSError:
                 pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {_start_time(os.getpid())}")
+
+        def release():
+            if _lock_owner(out)[0] == os.getpid():
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
         return release
+    return None
 
 
 def _alive(pid: int) -> bool:
