@@ -122,11 +122,19 @@ def _extensions():
     return [ext], {"build_ext": BuildExt}
 
 
+def _version() -> str:
+    """The one source of the version: rcekd_kernels/_version.py."""
+    scope = {}
+    with open(os.path.join(ROOT, "rcekd_kernels", "_version.py"), encoding="utf-8") as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="rcekd_kernels",
-    version="0.1.0",
+    version=_version(),
     description="Fast, exact RCE-KD loss (Rejuvenated Cross-Entropy for Knowledge Distillation "
                 "in recommender systems) and training drivers",
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
@@ -136,14 +144,18 @@ setup(
     packages=find_packages(include=["rcekd_kernels", "rcekd_kernels.*"])
     + find_packages(where="python", include=["rcekd_train", "rcekd_train.*"]),
     package_dir={"rcekd_train": "python/rcekd_train"},
-    package_data={"rcekd_train": ["configs/*.yaml", "paper_results.yaml"]},
-    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm"],
+    package_data={"rcekd_kernels": ["py.typed"], "rcekd_train": ["configs/*.yaml", "paper_results.yaml"]},
+    license="MIT",
+    # the loss needs torch only; the training drivers (rcekd_train, the `rcekd` command) come with
+    # the "train" extra: pip install "rcekd_kernels[train]"
+    install_requires=["torch>=2.4"],
     extras_require={
+        "train": ["numpy", "pyyaml", "tqdm", "matplotlib"],
         "triton": ["triton>=3.0"],
-        "plot": ["matplotlib"],
         "test": ["pytest", "hypothesis", "pytest-benchmark"],
+        "dev": ["ruff", "mypy"],
     },
-    entry_points={"console_scripts": ["rcekd=rcekd_train.cli:main"]},
+    entry_points={"console_scripts": ["rcekd=rcekd_train._entry:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

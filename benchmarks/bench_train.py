@@ -44,15 +44,17 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "python"))
 
-from bench_loss import commit, device_name  # noqa: E402
 from rcekd_train import config as C  # noqa: E402
 from rcekd_train.data import load_dataset  # noqa: E402
 from rcekd_train.kd import FrozenTeacher, build_kd, topk_from_vectors  # noqa: E402
 from rcekd_train.kd import rcekd as kd_rcekd  # noqa: E402
 from rcekd_train.models import build_model  # noqa: E402
 
+from bench_loss import commit, device_name  # noqa: E402
+
 FIELDS = ["dataset", "model", "protocol", "backend", "steps_per_epoch", "step_ms", "base_ms", "teacher_ms",
-          "kd_ms", "gather_ms", "backward_opt_ms", "prep_s", "refresh_s", "epoch_s", "ratio_vs_student", "peak_mb", "batch_size", "K",
+          "kd_ms", "gather_ms", "backward_opt_ms", "prep_s", "refresh_s", "epoch_s", "ratio_vs_student", "peak_mb",
+          "batch_size", "K",
           "M", "L", "device", "threads", "torch", "commit", "date"]
 
 
@@ -285,8 +287,9 @@ def main(argv=None):
                     row.update(meta)
                     w.writerow(row)
                     f.flush()
-                    print(f"{a.dataset} {model_name:9s} {protocol:6s} {row['backend']:10s} epoch {row['epoch_s']:9.2f} s "
-                          f"(prep {row['prep_s']:.2f} s + refresh {row['refresh_s']:.2f} s + {row['steps_per_epoch']} x {row['step_ms']:.2f} ms: "
+                    print(f"{a.dataset} {model_name:9s} {protocol:6s} {row['backend']:10s} "
+                          f"epoch {row['epoch_s']:9.2f} s (prep {row['prep_s']:.2f} s + refresh "
+                          f"{row['refresh_s']:.2f} s + {row['steps_per_epoch']} x {row['step_ms']:.2f} ms: "
                           f"base {row['base_ms']:.2f}, teacher {row['teacher_ms']:.2f}, kd {row['kd_ms']:.2f}, "
                           f"gather {row['gather_ms']:.2f}, "
                           f"bwd+opt {row['backward_opt_ms']:.2f}) ratio {row['ratio_vs_student']} "

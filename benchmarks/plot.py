@@ -215,7 +215,8 @@ def loss_table(rows, copy_gb_s, src):
             mem = r.get("peak_extra_mb", "")
             mem = "" if mem in ("", "nan") else f"{float(mem):.1f} ({float(mem) / float(r['grad_mb']):.2f}x)"
             out.append(f"| {OP_NAMES.get(op, op)} | {B} | {N:,} | {dtype} | {prov} | {p50:.3f} | "
-                       f"{float(r['p20_ms']):.3f}-{float(r['p80_ms']):.3f} | {vs_ref} | {vs_comp} | {gbs:.3g}{pct} | {mem} |")
+                       f"{float(r['p20_ms']):.3f}-{float(r['p80_ms']):.3f} | {vs_ref} | {vs_comp} | "
+                       f"{gbs:.3g}{pct} | {mem} |")
     return "\n".join(out)
 
 
@@ -233,7 +234,8 @@ def train_table(rows, src):
         gather = f"{float(r['gather_ms']):.1f}" if r.get("gather_ms") not in (None, "") else "-"
         out.append(f"| {r['dataset']} | {r['model']} | {proto} | {r['backend']} | {float(r['epoch_s']):.1f} | "
                    f"{prep} | {float(r['refresh_s']):.2f} | {float(r['step_ms']):.1f} | {float(r['base_ms']):.1f} | "
-                   f"{float(r['teacher_ms']):.1f} | {float(r['kd_ms']):.1f} | {gather} | {float(r['backward_opt_ms']):.1f} | "
+                   f"{float(r['teacher_ms']):.1f} | {float(r['kd_ms']):.1f} | {gather} | "
+                   f"{float(r['backward_opt_ms']):.1f} | "
                    f"{ratio} | {r['peak_mb']} |")
     return "\n".join(out)
 

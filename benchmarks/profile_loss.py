@@ -26,7 +26,8 @@ import bench_loss  # noqa: E402
 
 
 def profile(a) -> str:
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
 
     cuda = a.device.startswith("cuda")
     c = argparse.Namespace(**{**vars(a), "op": "fwdbwd", "provider": a.provider})

@@ -151,7 +151,8 @@ def report(results: str, readme: str):
             rows = plot.latest(plot.load(path))
             written += plot.plot(rows, results, name=tag)
             written += plot.roofline(rows, results, copy_bw.get(tag), tag)
-            blocks[f"loss_{tag}"] = plot.loss_table(rows, copy_bw.get(tag), os.path.relpath(path, os.path.dirname(readme)))
+            rel = os.path.relpath(path, os.path.dirname(readme))
+            blocks[f"loss_{tag}"] = plot.loss_table(rows, copy_bw.get(tag), rel)
         elif name.startswith("train_") and name.endswith(".csv"):
             rows = plot.load(path)
             written += plot.plot_train(rows, results, tag)

@@ -2,15 +2,17 @@
 // CPU implementations. The CUDA implementations are registered by
 // cuda_bindings.cpp when the extension is built with CUDA.
 //
-// The five loss ops take the arguments of the functions of the same names in
-// rcekd_kernels/backends/reference.py and return the same outputs; gathered_dot(_bwd)
-// are those of rcekd_kernels/gathered.py (CPU only: on a GPU torch's gather is used).
+// The five loss ops (schemas and binding: binding.h) take the tensors of the functions of the
+// same names in rcekd_kernels/backends/reference.py, then the flattened configuration and the
+// seed, and return the same outputs; gathered_dot(_bwd) are those of the reference's
+// gathered_dot (CPU only: on a GPU torch's gather is used).
 #include <Python.h>  // only for the module's init function (import rcekd_kernels._C)
 
 #include <torch/library.h>
 
 #include <string>
 
+#include "binding.h"
 #include "cpu/rcekd_cpu.h"
 
 #if defined(__has_include)
@@ -74,32 +76,14 @@ std::string build_info() {
 }  // namespace
 
 TORCH_LIBRARY(rcekd_C, m) {
-  m.def(
-      "select(Tensor s, Tensor? t, Tensor? teacher_topk, Tensor? exclude, Tensor row_ids, int K, int M, int L, "
-      "float T, str mode, int seed) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "subset_ce_fwd(Tensor s_g, Tensor t_g, Tensor q2_mask, Tensor gamma, int K, int L, float tau) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "subset_ce_bwd(Tensor grad_rows, Tensor s_g, Tensor t_g, Tensor q2_mask, Tensor gamma, int K, int L, "
-      "float tau) -> Tensor");
-  m.def(
-      "fused_fwd(Tensor s, Tensor t, Tensor? teacher_topk, Tensor? exclude, Tensor row_ids, int K, int M, int L, "
-      "float tau, float T, float beta, str mode, int seed) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "fused_bwd(Tensor grad_rows, Tensor s, Tensor t, Tensor idx, Tensor q2_mask, Tensor gamma, int K, int L, "
-      "float tau) -> Tensor");
+  rcekd::define_ops(m);  // the five loss ops (binding.h)
   m.def("gathered_dot(Tensor user_vecs, Tensor item_vecs, Tensor idx) -> Tensor");
   m.def("gathered_dot_bwd(Tensor grad, Tensor user_vecs, Tensor item_vecs, Tensor idx) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &build_info);
 }
 
 TORCH_LIBRARY_IMPL(rcekd_C, CPU, m) {
-  m.impl("select", &rcekd::cpu::select);
-  m.impl("subset_ce_fwd", &rcekd::cpu::subset_ce_fwd);
-  m.impl("subset_ce_bwd", &rcekd::cpu::subset_ce_bwd);
-  m.impl("fused_fwd", &rcekd::cpu::fused_fwd);
-  m.impl("fused_bwd", &rcekd::cpu::fused_bwd);
+  rcekd::register_ops<rcekd::cpu::Kernels>(m);
   m.impl("gathered_dot", &rcekd::cpu::gathered_dot);
   m.impl("gathered_dot_bwd", &rcekd::cpu::gathered_dot_bwd);
 }

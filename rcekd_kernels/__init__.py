@@ -1,13 +1,14 @@
 """rcekd_kernels: the RCE-KD loss (Rejuvenated Cross-Entropy for Knowledge
 Distillation in recommender systems), exact and fast, on several backends."""
 from . import ops  # registers the torch.library custom ops  # noqa: F401
-from .backends import available_backends, describe as describe_backends
+from ._version import __version__
+from .backends import available_backends
+from .backends import describe as describe_backends
 from .backends.native import build_info
+from .config import RCEKDConfig
 from .functional import RCEKDFunction, Selection, rce_kd_loss, rce_kd_loss_gathered, select
 from .gathered import gathered_dot
 from .modules import RCEKDLoss
-
-__version__ = "0.1.0"
 
 __all__ = [
     "rce_kd_loss",
@@ -15,6 +16,7 @@ __all__ = [
     "rce_kd_loss_gathered",
     "gathered_dot",
     "Selection",
+    "RCEKDConfig",
     "RCEKDFunction",
     "RCEKDLoss",
     "available_backends",

@@ -1,8 +1,10 @@
-"""The one place where RCE-KD's arguments are checked.
+"""The one place where RCE-KD's tensor arguments are checked.
 
-Every public entry point (functional API, module, autograd Function, the custom
-ops called directly or under ``torch.compile``) goes through these functions
-before any work is done. Checks that only look at shapes, dtypes, devices and
+The hyperparameters' ranges are checked once, when their
+:class:`~rcekd_kernels.config.RCEKDConfig` is built; this module checks the
+tensors against them. Every public entry point (functional API, module, autograd
+Function, the custom ops called directly or under ``torch.compile``) goes through
+these functions before any work is done. Checks that only look at shapes, dtypes, devices and
 Python values are always made; checks that must read tensor data (non-finite
 scores, teacher top-K ids out of range, repeated or excluded, rows with too
 few candidates) are made when ``validate`` is true. They read the data once
@@ -11,66 +13,9 @@ can turn them off.
 """
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
-from typing import Optional
-
 import torch
 
-MODES = ("paper", "official")
-REDUCTIONS = ("mean", "sum", "none")
-MAX_KM = 1 << 30  # far above anything sensible; kernels impose their own limit
-
-
-def _is_int(x) -> bool:
-    # torch.SymInt: a seed that torch.compile traces as a dynamic value
-    return isinstance(x, (Integral, torch.SymInt)) and not isinstance(x, bool)
-
-
-def check_int(name: str, value, lo: int, hi: int, rule: str) -> None:
-    """An int in [lo, hi]; ``rule`` states the constraint for the message."""
-    if not _is_int(value):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must satisfy {rule}, got {name} = {value}")
-
-
-def check_real(name: str, value, *, positive: bool) -> None:
-    if not isinstance(value, Real) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        rng = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {rng}, got {name} = {value}")
-
-
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
-def check_hparams(*, K=None, M=None, L=None, N=None, tau=None, T=None, beta=None,
-                  mode=None, seed=None, reduction=None) -> None:
-    """Checks of the Python-valued hyperparameters (no tensor is read)."""
-    n = f", N = {N}" if N is not None else ""
-    if K is not None:
-        check_int("K", K, 1, N if N is not None else MAX_KM, f"1 <= K <= M <= N ({n[2:] or 'N unknown'})")
-    if M is not None:
-        lo = K if K is not None else 1
-        check_int("M", M, lo, N if N is not None else MAX_KM, f"K <= M <= N (K = {lo}{n})")
-    if L is not None:
-        check_int("L", L, 1, M if M is not None else MAX_KM, f"1 <= L <= M (M = {M})")
-    if tau is not None:
-        check_real("tau", tau, positive=True)
-    if T is not None:
-        check_real("T", T, positive=True)
-    if beta is not None:
-        check_real("beta", beta, positive=False)
-    if mode is not None:
-        check_choice("mode", mode, MODES)
-    if seed is not None and not _is_int(seed):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if reduction is not None:
-        check_choice("reduction", reduction, REDUCTIONS)
+from .config import RCEKDConfig
 
 
 def _check_scores(name: str, x) -> None:
@@ -90,11 +35,17 @@ def _check_device(name: str, x: torch.Tensor, device: torch.device) -> None:
                          f"all tensors must be on one device")
 
 
-def check_dense(s, t, teacher_topk, exclude, row_ids, *, K, M, L, tau=None, T, beta, mode,
-                seed, validate: bool, need_teacher_scores: bool) -> None:
+def _check_tensor(name: str, x, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be {what} torch.Tensor, got {type(x).__name__}")
+
+
+def check_dense(s, t, teacher_topk, exclude, row_ids, cfg: RCEKDConfig, *, validate: bool,
+                need_teacher_scores: bool) -> None:
     """Checks the arguments of the loss / select on dense (B, N) score rows."""
     _check_scores("student_scores", s)
     B, N = s.shape
+    K, M = cfg.K, cfg.m
     device = s.device
     if t is None:
         if need_teacher_scores or teacher_topk is None:
@@ -106,7 +57,7 @@ def check_dense(s, t, teacher_topk, exclude, row_ids, *, K, M, L, tau=None, T, b
             raise ValueError(f"teacher_scores must have the shape of student_scores {tuple(s.shape)}, "
                              f"got {tuple(t.shape)}")
         _check_device("teacher_scores", t, device)
-    check_hparams(K=K, M=M, L=L, N=N, tau=tau, T=T, beta=beta, mode=mode, seed=seed)
+    cfg.check_catalog(N)
     if exclude is not None:
         if not isinstance(exclude, torch.Tensor):
             raise TypeError(f"exclude must be a bool torch.Tensor, got {type(exclude).__name__}")
@@ -116,16 +67,14 @@ def check_dense(s, t, teacher_topk, exclude, row_ids, *, K, M, L, tau=None, T, b
             raise ValueError(f"exclude must have the shape of student_scores {tuple(s.shape)}, "
                              f"got {tuple(exclude.shape)}")
         _check_device("exclude", exclude, device)
-    if not isinstance(row_ids, torch.Tensor):
-        raise TypeError(f"row_ids must be an integer torch.Tensor, got {type(row_ids).__name__}")
+    _check_tensor("row_ids", row_ids, "an integer")
     if row_ids.dtype.is_floating_point or row_ids.dtype.is_complex or row_ids.dtype == torch.bool:
         raise TypeError(f"row_ids must have an integer dtype, got {row_ids.dtype}")
     if row_ids.shape != (B,):
         raise ValueError(f"row_ids must have shape (B,) = ({B},), got {tuple(row_ids.shape)}")
     _check_device("row_ids", row_ids, device)
     if teacher_topk is not None:
-        if not isinstance(teacher_topk, torch.Tensor):
-            raise TypeError(f"teacher_topk must be an int64 torch.Tensor, got {type(teacher_topk).__name__}")
+        _check_tensor("teacher_topk", teacher_topk, "an int64")
         if teacher_topk.dtype != torch.int64:
             raise TypeError(f"teacher_topk must have dtype torch.int64, got {teacher_topk.dtype}")
         if teacher_topk.shape != (B, K):
@@ -164,30 +113,70 @@ def check_dense(s, t, teacher_topk, exclude, row_ids, *, K, M, L, tau=None, T, b
                 raise ValueError(f"teacher_topk holds an id that exclude marks in row {row}")
 
 
-def check_gathered(s_g, t_g, u_mask, gamma, *, K: int, L: int, tau) -> None:
-    """Checks the arguments of the loss on gathered scores (B, 2K + L)."""
+def check_gathered(s_g, t_g, q2_mask, gamma, cfg: RCEKDConfig, *, grad_rows=None) -> None:
+    """Checks the arguments of the loss on gathered scores (B, 2K + L) (and of its backward,
+    with ``grad_rows``)."""
     _check_scores("student_gathered", s_g)
     _check_scores("teacher_gathered", t_g)
-    check_hparams(K=K, L=L, tau=tau)
     B, W = s_g.shape
-    if W != 2 * K + L:
-        raise ValueError(f"student_gathered must have 2K + L = {2 * K + L} columns "
+    K = cfg.K
+    if W != cfg.width:
+        raise ValueError(f"student_gathered must have 2K + L = {cfg.width} columns "
                          f"(student top-K, sampled, teacher top-K), got {W}")
     if t_g.shape != s_g.shape:
         raise ValueError(f"teacher_gathered must have the shape of student_gathered {tuple(s_g.shape)}, "
                          f"got {tuple(t_g.shape)}")
-    for name, x in (("teacher_gathered", t_g), ("q2_mask", u_mask), ("gamma", gamma)):
+    _check_tensor("q2_mask", q2_mask, "a bool")
+    _check_tensor("gamma", gamma, "a float")
+    for name, x in (("teacher_gathered", t_g), ("q2_mask", q2_mask), ("gamma", gamma)):
         _check_device(name, x, s_g.device)
-    if u_mask.dtype != torch.bool or u_mask.shape != (B, K):
+    if q2_mask.dtype != torch.bool or q2_mask.shape != (B, K):
         raise ValueError(f"q2_mask must be a bool tensor of shape ({B}, {K}), "
-                         f"got {u_mask.dtype} {tuple(u_mask.shape)}")
+                         f"got {q2_mask.dtype} {tuple(q2_mask.shape)}")
     if not gamma.dtype.is_floating_point or gamma.shape != (B,):
         raise ValueError(f"gamma must be a float tensor of shape ({B},), got {gamma.dtype} {tuple(gamma.shape)}")
+    if grad_rows is not None:
+        _check_grad_rows(grad_rows, B, s_g.device)
 
 
-def check_gathered_dot(user_vecs, item_vecs, idx, *, validate: bool) -> None:
-    """Checks of ``gathered_dot(user_vecs (B, D), item_vecs (N, D), idx (B, W))``; with
-    ``validate`` the ids are read (one pass, a host synchronisation) and must lie in [0, N)."""
+def _check_grad_rows(grad_rows, B: int, device: torch.device) -> None:
+    _check_tensor("grad_rows", grad_rows, "a float")
+    if not grad_rows.dtype.is_floating_point or grad_rows.shape != (B,):
+        raise ValueError(f"grad_rows must be a float tensor of shape ({B},), "
+                         f"got {grad_rows.dtype} {tuple(grad_rows.shape)}")
+    if grad_rows.device != device:
+        raise ValueError(f"grad_rows is on {grad_rows.device} but the scores are on {device}")
+
+
+def check_fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, cfg: RCEKDConfig) -> None:
+    """Checks the arguments of the dense loss's backward (shapes only: ``idx`` comes from
+    the forward; its values are bounded by the kernels)."""
+    _check_scores("student_scores", s)
+    _check_scores("teacher_scores", t)
+    B, N = s.shape
+    if t.shape != s.shape:
+        raise ValueError(f"teacher_scores must have the shape of student_scores {tuple(s.shape)}, "
+                         f"got {tuple(t.shape)}")
+    _check_tensor("idx", idx, "an int64")
+    if idx.dtype != torch.int64 or idx.shape != (B, cfg.width):
+        raise ValueError(f"idx must be int64 of shape (B, 2K + L) = ({B}, {cfg.width}), "
+                         f"got {idx.dtype} {tuple(idx.shape)}")
+    _check_tensor("q2_mask", q2_mask, "a bool")
+    _check_tensor("gamma", gamma, "a float")
+    if q2_mask.dtype != torch.bool or q2_mask.shape != (B, cfg.K):
+        raise ValueError(f"q2_mask must be a bool tensor of shape ({B}, {cfg.K}), "
+                         f"got {q2_mask.dtype} {tuple(q2_mask.shape)}")
+    if not gamma.dtype.is_floating_point or gamma.shape != (B,):
+        raise ValueError(f"gamma must be a float tensor of shape ({B},), got {gamma.dtype} {tuple(gamma.shape)}")
+    for name, x in (("teacher_scores", t), ("idx", idx), ("q2_mask", q2_mask), ("gamma", gamma)):
+        _check_device(name, x, s.device)
+    _check_grad_rows(grad_rows, B, s.device)
+
+
+def check_gathered_dot(user_vecs, item_vecs, idx, *, validate: bool, grad=None) -> None:
+    """Checks of ``gathered_dot(user_vecs (B, D), item_vecs (N, D), idx (B, W))`` (and of its
+    backward, with ``grad`` (B, W)); with ``validate`` the ids are read (one pass, a host
+    synchronisation) and must lie in [0, N)."""
     for name, x in (("user_vecs", user_vecs), ("item_vecs", item_vecs)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -209,6 +198,11 @@ def check_gathered_dot(user_vecs, item_vecs, idx, *, validate: bool) -> None:
         if x.device != user_vecs.device:
             raise ValueError(f"{name} is on {x.device} but user_vecs is on {user_vecs.device}; "
                              f"all tensors must be on one device")
+    if grad is not None:
+        _check_tensor("grad", grad, "a float")
+        if not grad.dtype.is_floating_point or grad.shape != idx.shape or grad.device != user_vecs.device:
+            raise ValueError(f"grad must be a float tensor of the shape of idx {tuple(idx.shape)} on "
+                             f"{user_vecs.device}, got {grad.dtype} {tuple(grad.shape)} on {grad.device}")
     if validate and idx.numel():
         N = item_vecs.shape[0]
         lo, hi = int(idx.min()), int(idx.max())

@@ -6,31 +6,42 @@
   ``selection.indices`` (2K + L items per user);
 * :class:`RCEKDFunction` -- the same dense loss as a ``torch.autograd.Function``.
 
+Every function takes the hyperparameters either as one
+:class:`~rcekd_kernels.config.RCEKDConfig` (``config=``) or as keyword arguments
+(a convenience that builds one; keywords given with ``config`` override its fields).
 See ``docs/LOSS.md`` for the definition of the loss.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
 
 import torch
 
-from . import _checks, ops
-from .backends import reference, requested
+from . import ops
+from .backends import requested
+from .config import RCEKDConfig, check_seed
+from .spec import gamma_from_counts
 
 Tensor = torch.Tensor
 
 __all__ = ["rce_kd_loss", "select", "rce_kd_loss_gathered", "Selection", "RCEKDFunction"]
 
-
-def _default_m(K, M):
-    return 2 * K if M is None and isinstance(K, int) else M
+_SEED_MOD = 1 << 32
 
 
-def _row_ids(row_ids: Optional[Tensor], B: int, device) -> Tensor:
-    if row_ids is None:
-        return torch.arange(B, device=device, dtype=torch.int64)
-    return row_ids
+def _seed(seed: Any) -> Any:
+    """The seed modulo 2**32 (spec section 4), whatever the size of the int."""
+    check_seed(seed)
+    return seed % _SEED_MOD
+
+
+def _row_ids(row_ids: Optional[Tensor], x: Any) -> Tensor:
+    if row_ids is not None:
+        return row_ids
+    if not isinstance(x, Tensor):
+        raise TypeError(f"student_scores must be a torch.Tensor, got {type(x).__name__}")
+    return torch.arange(x.shape[0] if x.dim() else 0, device=x.device, dtype=torch.int64)
 
 
 def _reduce(rows: Tensor, reduction: str) -> Tensor:
@@ -53,17 +64,18 @@ def rce_kd_loss(
     teacher_scores: Tensor,
     teacher_topk: Optional[Tensor] = None,
     *,
-    K: int = 100,
+    config: Optional[RCEKDConfig] = None,
+    K: Optional[int] = None,
     M: Optional[int] = None,
-    L: int = 100,
-    tau: float = 1.0,
-    T: float = 10.0,
-    beta: float = 5.0,
-    mode: str = "paper",
+    L: Optional[int] = None,
+    tau: Optional[float] = None,
+    T: Optional[float] = None,
+    beta: Optional[float] = None,
+    mode: Optional[str] = None,
+    reduction: Optional[str] = None,
     seed: int = 0,
     row_ids: Optional[Tensor] = None,
     exclude: Optional[Tensor] = None,
-    reduction: str = "mean",
     backend: Optional[str] = None,
     validate: bool = True,
     return_diagnostics: bool = False,
@@ -75,18 +87,20 @@ def rce_kd_loss(
         teacher_scores: (B, N) float teacher scores (never receive a gradient).
         teacher_topk: optional cached (B, K) int64 teacher top-K ids, unique per row.
             Computed from ``teacher_scores`` when not given.
-        K: size of the top lists, 1 <= K <= M.
+        config: the hyperparameters as one :class:`RCEKDConfig`; the keyword arguments
+            below, when given, override its fields.
+        K: size of the top lists, 1 <= K <= M (default 100).
         M: size of the student's candidate pool, K <= M <= N (default 2K).
-        L: number of sampled pool items, 1 <= L <= M.
-        tau: logit temperature (> 0).
-        T: sampling temperature (> 0); weights are exp(count / T).
-        beta: strength of the adaptive weight gamma (>= 0).
-        mode: ``"paper"`` (the paper's equations) or ``"official"`` (the authors' code).
-        seed: int fixing the random sample (same sample on every backend).
+        L: number of sampled pool items, 1 <= L <= M (default 100).
+        tau: logit temperature (> 0, default 1).
+        T: sampling temperature (> 0, default 10); weights are exp(count / T).
+        beta: strength of the adaptive weight gamma (>= 0, default 5).
+        mode: ``"paper"`` (default: the paper's equations) or ``"official"`` (the authors' code).
+        reduction: ``"mean"`` (default), ``"sum"`` (the authors' code) or ``"none"``.
+        seed: int fixing the random sample (same sample on every backend), taken modulo 2**32.
         row_ids: (B,) integer ids of the rows for the sampler (default 0..B-1);
             pass the user ids so a user's sample does not depend on batch position.
         exclude: optional (B, N) bool; True items are absent from the row's catalog.
-        reduction: ``"mean"`` (default), ``"sum"`` (the authors' code) or ``"none"``.
         backend: ``"auto"``, ``"reference"``, ``"triton"``, ``"cpp"`` or ``"cuda"``
             (default: $RCEKD_BACKEND, else ``"auto"``).
         validate: check the data (non-finite scores, ids) before the work; costs one
@@ -97,79 +111,113 @@ def rce_kd_loss(
     Returns:
         The loss (0-dim for mean/sum, (B,) for none), float32 (float64 for float64
         inputs); with ``return_diagnostics`` a tuple (loss, diagnostics).
+
+    Example::
+
+        >>> s = torch.randn(4, 1000, requires_grad=True); t = torch.randn(4, 1000)
+        >>> loss = rce_kd_loss(s, t, K=10, L=10, seed=0)
+        >>> loss.backward()
     """
-    M = _default_m(K, M)
-    _checks.check_hparams(K=K, M=M, L=L, tau=tau, T=T, beta=beta, mode=mode, seed=seed, reduction=reduction)
+    cfg = RCEKDConfig.from_kwargs(config, K=K, M=M, L=L, tau=tau, T=T, beta=beta, mode=mode,
+                                  reduction=reduction)
+    seed = _seed(seed)
     name = requested(backend)
-    if not isinstance(student_scores, Tensor):
-        raise TypeError(f"student_scores must be a torch.Tensor, got {type(student_scores).__name__}")
-    rows = _row_ids(row_ids, student_scores.shape[0] if student_scores.dim() else 0, student_scores.device)
-    loss_rows, stats, _idx, _q2 = ops.fused_fwd(
-        student_scores, teacher_scores, teacher_topk, exclude, rows, K, M, L, float(tau), float(T),
-        float(beta), mode, seed, name, bool(validate))
-    loss = _reduce(loss_rows, reduction)
+    rows = _row_ids(row_ids, student_scores)
+    loss_rows, stats, _idx, _q2 = ops.fused_fwd(student_scores, teacher_scores, teacher_topk, exclude, rows,
+                                                *ops.flatten(cfg), seed, name, bool(validate))
+    loss = _reduce(loss_rows, cfg.reduction)
     if return_diagnostics:
-        return loss, _diagnostics(stats, K)
+        return loss, _diagnostics(stats, cfg.K)
     return loss
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The sets of RCE-KD for a batch of rows (spec section 2-5).
+    """The sets of RCE-KD for a batch of rows (spec sections 2-5).
 
     Attributes:
-        student_topk: (B, K) int64, QS in student order.
-        sampled: (B, L) int64, A (by decreasing Gumbel key).
-        teacher_topk: (B, K) int64, QT.
+        indices: (B, 2K + L) int64, [QS | A | QT]: the items whose scores the gathered
+            loss needs, in this layout (QS in student order, A by decreasing Gumbel key,
+            QT in teacher order). Only this class knows the layout: use the properties.
         q2_mask: (B, K) bool, teacher items in Q2 = QT \\ QS that were not sampled;
             U = A + these items.
         gamma: (B,) float32, the weight of L2.
         n_q1: (B,) int64, |Q1| = |QT & QS|.
         n_qt_sampled: (B,) int64, |QT & A|.
+        config: the :class:`RCEKDConfig` the sets were made with (None when built by hand);
+            :func:`rce_kd_loss_gathered` takes tau and the reduction from it by default.
     """
 
-    student_topk: Tensor
-    sampled: Tensor
-    teacher_topk: Tensor
+    indices: Tensor
     q2_mask: Tensor
     gamma: Tensor
     n_q1: Tensor
     n_qt_sampled: Tensor
+    config: Optional[RCEKDConfig] = None
+
+    _TENSORS = ("indices", "q2_mask", "gamma", "n_q1", "n_qt_sampled")
+
+    @staticmethod
+    def from_sets(student_topk: Tensor, sampled: Tensor, teacher_topk: Tensor, q2_mask: Tensor, gamma: Tensor,
+                  n_q1: Tensor, n_qt_sampled: Tensor, config: Optional[RCEKDConfig] = None) -> "Selection":
+        """A selection from its three id lists (B, K), (B, L), (B, K) and the rest."""
+        return Selection(torch.cat([student_topk, sampled, teacher_topk], dim=1), q2_mask, gamma, n_q1,
+                         n_qt_sampled, config)
 
     @property
     def K(self) -> int:
-        return self.student_topk.shape[1]
+        return self.q2_mask.shape[1]
 
     @property
     def L(self) -> int:
-        return self.sampled.shape[1]
+        return self.indices.shape[1] - 2 * self.K
 
     @property
-    def indices(self) -> Tensor:
-        """(B, 2K + L) ids whose scores the gathered loss needs: [QS | A | QT]."""
-        return torch.cat([self.student_topk, self.sampled, self.teacher_topk], dim=1)
+    def student_topk(self) -> Tensor:
+        """(B, K) QS in student order."""
+        return self.indices[:, :self.K]
+
+    @property
+    def sampled(self) -> Tensor:
+        """(B, L) A, by decreasing Gumbel key."""
+        return self.indices[:, self.K:self.K + self.L]
+
+    @property
+    def teacher_topk(self) -> Tensor:
+        """(B, K) QT."""
+        return self.indices[:, self.K + self.L:]
 
     def union(self) -> Tuple[Tensor, Tensor]:
         """U = A + (Q2 \\ A) as padded ids (B, L + K) and a validity mask."""
-        ids = torch.cat([self.sampled, self.teacher_topk], dim=1)
+        ids = self.indices[:, self.K:]
         mask = torch.cat([torch.ones_like(self.sampled, dtype=torch.bool), self.q2_mask], dim=1)
         return ids, mask
 
+    def _map(self, fn) -> "Selection":
+        return Selection(fn(self.indices), fn(self.q2_mask), fn(self.gamma), fn(self.n_q1), fn(self.n_qt_sampled),
+                         self.config)
+
     def __getitem__(self, rows) -> "Selection":
         """The selection of some rows (an index tensor, a slice or a bool mask)."""
-        return Selection(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+        return self._map(lambda x: x[rows])
 
     def to(self, device) -> "Selection":
-        return Selection(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return self._map(lambda x: x.to(device))
 
     def __len__(self) -> int:
-        return self.student_topk.shape[0]
+        return self.indices.shape[0]
 
     @staticmethod
-    def cat(parts) -> "Selection":
-        """Concatenates selections of consecutive row chunks."""
+    def cat(parts: Iterable["Selection"]) -> "Selection":
+        """Concatenates selections of consecutive row chunks (made with one configuration)."""
         parts = list(parts)
-        return Selection(*(torch.cat([getattr(p, f) for p in parts]) for f in Selection.__dataclass_fields__))
+        if not parts:
+            raise ValueError("Selection.cat needs at least one selection")
+        config = parts[0].config
+        if any(p.config != config for p in parts):
+            raise ValueError("Selection.cat: the selections were made with different configurations")
+        cat = [torch.cat([getattr(p, f) for p in parts]) for f in Selection._TENSORS]
+        return Selection(cat[0], cat[1], cat[2], cat[3], cat[4], config)
 
 
 @torch.no_grad()
@@ -178,12 +226,14 @@ def select(
     teacher_scores: Optional[Tensor] = None,
     teacher_topk: Optional[Tensor] = None,
     *,
-    K: int = 100,
+    config: Optional[RCEKDConfig] = None,
+    K: Optional[int] = None,
     M: Optional[int] = None,
-    L: int = 100,
-    T: float = 10.0,
-    beta: float = 5.0,
-    mode: str = "paper",
+    L: Optional[int] = None,
+    tau: Optional[float] = None,
+    T: Optional[float] = None,
+    beta: Optional[float] = None,
+    mode: Optional[str] = None,
     seed: int = 0,
     row_ids: Optional[Tensor] = None,
     exclude: Optional[Tensor] = None,
@@ -193,21 +243,32 @@ def select(
     """The sets of RCE-KD for dense score rows (the select step of the per-epoch protocol).
 
     Same arguments as :func:`rce_kd_loss`; ``teacher_scores`` may be omitted when
-    ``teacher_topk`` is given. Call it on chunks of users and join the chunks with
+    ``teacher_topk`` is given (tau is only kept in the selection's config, for the
+    gathered loss). Call it on chunks of users and join the chunks with
     :meth:`Selection.cat`; no gradient flows through it.
+
+    Example::
+
+        >>> sel = select(torch.randn(4, 1000), torch.randn(4, 1000), K=10, L=10, seed=0)
+        >>> sel.indices.shape
+        torch.Size([4, 30])
     """
-    M = _default_m(K, M)
-    _checks.check_hparams(K=K, M=M, L=L, T=T, beta=beta, mode=mode, seed=seed)
+    cfg = RCEKDConfig.from_kwargs(config, K=K, M=M, L=L, tau=tau, T=T, beta=beta, mode=mode)
+    seed = _seed(seed)
     name = requested(backend)
-    if not isinstance(student_scores, Tensor):
-        raise TypeError(f"student_scores must be a torch.Tensor, got {type(student_scores).__name__}")
-    rows = _row_ids(row_ids, student_scores.shape[0] if student_scores.dim() else 0, student_scores.device)
+    rows = _row_ids(row_ids, student_scores)
     s = student_scores.detach()
     t = teacher_scores.detach() if isinstance(teacher_scores, Tensor) else teacher_scores
-    qs, a, qt, q2, counts = ops.select(s, t, teacher_topk, exclude, rows, K, M, L, float(T), mode,
-                                       seed, name, bool(validate))
-    gamma = reference.gamma_from_counts(counts, float(beta), K, mode)
-    return Selection(qs, a, qt, q2, gamma, counts[:, 0], counts[:, 1])
+    idx, q2, counts = ops.select(s, t, teacher_topk, exclude, rows, *ops.flatten(cfg), seed, name, bool(validate))
+    gamma = gamma_from_counts(counts, cfg.beta, cfg.K, cfg.mode)
+    return Selection(idx, q2, gamma, counts[:, 0], counts[:, 1], cfg)
+
+
+def _gathered_config(selection: Selection, tau: Optional[float], reduction: Optional[str]) -> RCEKDConfig:
+    base = selection.config
+    if base is None:  # a selection built by hand: K and L from its shapes (M is not used here)
+        base = RCEKDConfig(K=selection.K, M=max(selection.K, selection.L), L=selection.L)
+    return RCEKDConfig.from_kwargs(base, tau=tau, reduction=reduction)
 
 
 def rce_kd_loss_gathered(
@@ -215,8 +276,8 @@ def rce_kd_loss_gathered(
     teacher_gathered: Tensor,
     selection: Selection,
     *,
-    tau: float = 1.0,
-    reduction: str = "mean",
+    tau: Optional[float] = None,
+    reduction: Optional[str] = None,
     backend: Optional[str] = None,
     return_diagnostics: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
@@ -225,15 +286,17 @@ def rce_kd_loss_gathered(
     ``student_gathered[r, j]`` must be the student's score of item
     ``selection.indices[r, j]`` (and likewise for the teacher); the gradient flows
     to ``student_gathered``. This is the per-batch step of the per-epoch protocol.
+    ``tau`` and ``reduction`` default to those of ``selection.config`` (1 and "mean"
+    when the selection has none).
     """
-    _checks.check_hparams(tau=tau, reduction=reduction)
     if not isinstance(selection, Selection):
         raise TypeError(f"selection must be a Selection (from rcekd_kernels.select), "
                         f"got {type(selection).__name__}")
+    cfg = _gathered_config(selection, tau, reduction)
     name = requested(backend)
-    loss_rows, parts = ops.subset_ce_fwd(student_gathered, teacher_gathered, selection.q2_mask,
-                                         selection.gamma, selection.K, selection.L, float(tau), name)
-    loss = _reduce(loss_rows, reduction)
+    loss_rows, parts = ops.subset_ce_fwd(student_gathered, teacher_gathered, selection.q2_mask, selection.gamma,
+                                         *ops.flatten(cfg), name)
+    loss = _reduce(loss_rows, cfg.reduction)
     if return_diagnostics:
         stats = torch.cat([parts.detach().float(), selection.gamma.unsqueeze(1).float(),
                            selection.n_q1.unsqueeze(1).float(), selection.n_qt_sampled.unsqueeze(1).float()], 1)
@@ -241,25 +304,44 @@ def rce_kd_loss_gathered(
     return loss
 
 
+def _function_args(args: Tuple[Any, ...]) -> Tuple[RCEKDConfig, Any, Optional[str], bool]:
+    """(config, seed, backend, validate) from RCEKDFunction.apply's trailing arguments: either
+    ``config, seed, backend, validate`` or ``K, M, L, tau, T, beta, mode, seed, backend, validate``."""
+    if args and isinstance(args[0], RCEKDConfig):
+        if len(args) != 4:
+            raise TypeError("RCEKDFunction.apply(s, t, teacher_topk, exclude, row_ids, config, seed, backend, "
+                            f"validate) takes 9 arguments, got {5 + len(args)}")
+        cfg, seed, backend, validate = args
+    else:
+        n = len(ops.HPARAMS)
+        if len(args) != n + 3:
+            raise TypeError(f"RCEKDFunction.apply takes 9 (with a config) or {8 + n} arguments, got {5 + len(args)}")
+        cfg = RCEKDConfig(**{name: v for (name, _), v in zip(ops.HPARAMS, args[:n])})
+        seed, backend, validate = args[n:]
+    return cfg, _seed(seed), backend, bool(validate)
+
+
 class RCEKDFunction(torch.autograd.Function):
     """The dense RCE-KD loss rows as a ``torch.autograd.Function``.
 
-    ``RCEKDFunction.apply(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta,
-    mode, seed, backend, validate)`` returns the (B,) loss rows; every argument is
-    positional and required (pass None for the optional tensors, and a (B,) int64
-    ``row_ids``). It runs the same ops as :func:`rce_kd_loss`.
+    ``RCEKDFunction.apply(s, t, teacher_topk, exclude, row_ids, config, seed, backend, validate)``
+    or, with the hyperparameters spelled out, ``RCEKDFunction.apply(s, t, teacher_topk,
+    exclude, row_ids, K, M, L, tau, T, beta, mode, seed, backend, validate)`` returns the
+    (B,) loss rows; every argument is positional and required (None for the optional
+    tensors and for the default backend, a (B,) int64 ``row_ids``). It is a thin face of
+    the custom op ``rcekd::fused_fwd`` and of the same gradient (:func:`ops.fused_grad`),
+    so it computes exactly what :func:`rce_kd_loss` computes.
     """
 
     @staticmethod
-    def forward(ctx, s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed, backend,
-                validate):
-        loss_rows, stats, idx, q2_mask = ops.fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L,
-                                                       float(tau), float(T), float(beta), mode, seed,
-                                                       requested(backend), bool(validate))
-        ctx.save_for_backward(s, t, idx, q2_mask, stats)
-        ctx.hp = (K, L, float(tau), requested(backend))
-        return loss_rows
+    def forward(ctx, s, t, teacher_topk, exclude, row_ids, *args):
+        cfg, seed, backend, validate = _function_args(args)
+        name = requested(backend)
+        out = ops.fused_fwd(s, t, teacher_topk, exclude, row_ids, *ops.flatten(cfg), seed, name, validate)
+        ops.save_fused(ctx, s, t, out, cfg, name)
+        ctx.n_inputs = 5 + len(args)
+        return out[0]
 
     @staticmethod
     def backward(ctx, grad_rows):
-        return ops.fused_backward(ctx, grad_rows)
+        return (ops.fused_grad(ctx, grad_rows),) + (None,) * (ctx.n_inputs - 1)

@@ -6,14 +6,15 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from . import _checks
+from .config import RCEKDConfig, check_seed
 from .functional import rce_kd_loss
 
 Tensor = torch.Tensor
 
 
 class RCEKDLoss(nn.Module):
-    """RCE-KD loss holding its hyperparameters; the sampling seed advances each step.
+    """RCE-KD loss holding its hyperparameters (one :class:`RCEKDConfig`); the sampling seed
+    advances each step.
 
     Every call in training mode uses ``seed = base_seed + step`` and then advances
     ``step`` (saved in the state dict, so a resumed run continues the sequence);
@@ -21,22 +22,24 @@ class RCEKDLoss(nn.Module):
     (batch means of L1, L2, gamma, |Q1|/K, |QT & A|/K) are kept in
     ``last_diagnostics``.
 
+    Args: the hyperparameters as ``config=`` or as keywords (see :func:`rce_kd_loss`),
+    ``seed`` (the base seed), ``backend``, ``validate``.
+
     Example::
 
         kd = RCEKDLoss(K=50, L=50, M=200, beta=3.0, reduction="sum")
         loss = base_loss + lam * kd(student_rows, teacher_rows, row_ids=users)
     """
 
-    def __init__(self, K: int = 100, M: Optional[int] = None, L: int = 100, tau: float = 1.0,
-                 T: float = 10.0, beta: float = 5.0, mode: str = "paper", seed: int = 0,
-                 reduction: str = "mean", backend: Optional[str] = None, validate: bool = True):
+    def __init__(self, K: Optional[int] = None, M: Optional[int] = None, L: Optional[int] = None,
+                 tau: Optional[float] = None, T: Optional[float] = None, beta: Optional[float] = None,
+                 mode: Optional[str] = None, seed: int = 0, reduction: Optional[str] = None,
+                 backend: Optional[str] = None, validate: bool = True, *, config: Optional[RCEKDConfig] = None):
         super().__init__()
-        M = 2 * K if M is None and isinstance(K, int) else M
-        _checks.check_hparams(K=K, M=M, L=L, tau=tau, T=T, beta=beta, mode=mode, seed=seed,
-                              reduction=reduction)
-        self.K, self.M, self.L = K, M, L
-        self.tau, self.T, self.beta = float(tau), float(T), float(beta)
-        self.mode, self.base_seed, self.reduction = mode, int(seed), reduction
+        self.config = RCEKDConfig.from_kwargs(config, K=K, M=M, L=L, tau=tau, T=T, beta=beta, mode=mode,
+                                              reduction=reduction)
+        check_seed(seed)
+        self.base_seed = int(seed)
         self.backend, self.validate = backend, validate
         self.step = 0
         self.last_diagnostics: Dict[str, Tensor] = {}
@@ -44,9 +47,8 @@ class RCEKDLoss(nn.Module):
     def forward(self, student_scores: Tensor, teacher_scores: Tensor, teacher_topk: Optional[Tensor] = None,
                 *, row_ids: Optional[Tensor] = None, exclude: Optional[Tensor] = None) -> Tensor:
         loss, self.last_diagnostics = rce_kd_loss(
-            student_scores, teacher_scores, teacher_topk, K=self.K, M=self.M, L=self.L, tau=self.tau,
-            T=self.T, beta=self.beta, mode=self.mode, seed=self.base_seed + self.step, row_ids=row_ids,
-            exclude=exclude, reduction=self.reduction, backend=self.backend, validate=self.validate,
+            student_scores, teacher_scores, teacher_topk, config=self.config, seed=self.base_seed + self.step,
+            row_ids=row_ids, exclude=exclude, backend=self.backend, validate=self.validate,
             return_diagnostics=True)
         if self.training:
             self.step += 1
@@ -59,5 +61,15 @@ class RCEKDLoss(nn.Module):
         self.step = int(state["step"])
 
     def extra_repr(self) -> str:
-        return (f"K={self.K}, M={self.M}, L={self.L}, tau={self.tau}, T={self.T}, beta={self.beta}, "
-                f"mode={self.mode!r}, seed={self.base_seed}, reduction={self.reduction!r}")
+        c = self.config
+        return (f"K={c.K}, M={c.M}, L={c.L}, tau={c.tau}, T={c.T}, beta={c.beta}, "
+                f"mode={c.mode!r}, seed={self.base_seed}, reduction={c.reduction!r}")
+
+
+def _config_field(name: str) -> property:
+    return property(lambda self: getattr(self.config, name), doc=f"``config.{name}`` (read-only)")
+
+
+# the hyperparameters read as attributes (kd.K, kd.beta, ...), from the one config
+for _name in ("K", "M", "L", "tau", "T", "beta", "mode", "reduction"):
+    setattr(RCEKDLoss, _name, _config_field(_name))

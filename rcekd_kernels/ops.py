@@ -1,169 +1,308 @@
 """The ``torch.library`` custom ops of RCE-KD: schemas, fake impls, autograd.
 
-Five ops, the same five that every backend implements (see
-:mod:`rcekd_kernels.backends`)::
+Seven ops, the ops of :mod:`rcekd_kernels.backends.base`::
 
-    rcekd::select         (dense rows) -> sets                        no gradient
-    rcekd::subset_ce_fwd  (gathered scores, sets) -> loss rows       autograd -> subset_ce_bwd
+    rcekd::select            (dense rows) -> idx, q2_mask, counts       no gradient
+    rcekd::subset_ce_fwd     (gathered scores, sets) -> loss rows       autograd -> subset_ce_bwd
     rcekd::subset_ce_bwd
-    rcekd::fused_fwd      (dense rows) -> loss rows, stats, sets     autograd -> fused_bwd
+    rcekd::fused_fwd         (dense rows) -> loss rows, stats, sets     autograd -> fused_bwd
     rcekd::fused_bwd
+    rcekd::gathered_dot      (user vecs, item vecs, ids) -> scores      autograd -> gathered_dot_bwd
+    rcekd::gathered_dot_bwd
 
-Each real implementation checks its arguments (:mod:`rcekd_kernels._checks`,
-data checks only when ``validate``), handles the empty batch, then hands the
-work to the backend named by ``backend`` ("auto" or a name) for the tensors'
-device. Because the ops are opaque to ``torch.compile`` and have fake
-implementations, a function that calls the loss compiles with ``fullgraph=True``.
+The hyperparameters travel as one :class:`~rcekd_kernels.config.RCEKDConfig`; the
+one table :data:`HPARAMS` says how it is flattened into the schemas (and into the
+C++ ops ``rcekd_C::*``, whose schemas list the same fields in the same order, see
+``csrc/params.h``). Each implementation checks its tensors
+(:mod:`rcekd_kernels._checks`; data checks only when ``validate``), handles the empty
+batch, then hands the work to the backend the dispatcher picks for the call
+(:func:`rcekd_kernels.backends.resolve`). The ops are opaque to ``torch.compile`` and
+have fake implementations, so a function that calls the loss compiles with
+``fullgraph=True``.
+
+The gradient of the dense loss has one implementation, :func:`fused_grad`, used by the
+op's autograd and by :class:`~rcekd_kernels.RCEKDFunction` alike (both save what it
+reads with :func:`save_fused`).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 
 from . import _checks
-from .backends import resolve
+from .backends import Call, resolve
+from .config import RCEKDConfig
+from .spec import compute_dtype
 
 Tensor = torch.Tensor
+
+__all__ = ["HPARAMS", "flatten", "unflatten", "N_STATS", "select", "subset_ce_fwd", "subset_ce_bwd",
+           "fused_fwd", "fused_bwd", "gathered_dot", "gathered_dot_bwd", "save_fused", "fused_grad"]
+
+#: The one table of the hyperparameters in the ops' schemas: (field of RCEKDConfig, schema type),
+#: in schema order. ``reduction`` is not here: the ops return one loss per row.
+HPARAMS: Tuple[Tuple[str, str], ...] = (
+    ("K", "int"), ("M", "int"), ("L", "int"), ("tau", "float"), ("T", "float"), ("beta", "float"),
+    ("mode", "str"),
+)
+_N_HP = len(HPARAMS)
+_HP_SCHEMA = ", ".join(f"{typ} {name}" for name, typ in HPARAMS)
 
 N_STATS = 5  # L1, L2, gamma, |Q1|, |QT & A|
 
 
-def _cdtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+def flatten(cfg: RCEKDConfig) -> Tuple[Any, ...]:
+    """The values of ``cfg`` in the schemas' order (:data:`HPARAMS`)."""
+    return tuple(getattr(cfg, name) for name, _ in HPARAMS)
+
+
+@functools.lru_cache(maxsize=256)
+def unflatten(values: Tuple[Any, ...]) -> RCEKDConfig:
+    """The configuration from schema values (validated: a direct op call with K = 0 is a
+    ValueError naming K)."""
+    return RCEKDConfig(**{name: v for (name, _), v in zip(HPARAMS, values)})
+
+
+def _cfg(rest: Sequence[Any]) -> Tuple[RCEKDConfig, Sequence[Any]]:
+    """Splits the trailing schema arguments into the configuration and what follows it."""
+    return unflatten(tuple(rest[:_N_HP])), rest[_N_HP:]
+
+
+def _define(name: str, schema: str, impl: Callable, fake: Callable):
+    op = torch.library.custom_op(f"rcekd::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op
+
+
+def _dense_call(op: str, s: Tensor, t: Optional[Tensor], cfg: RCEKDConfig) -> Call:
+    dtypes = (s.dtype,) if t is None else (s.dtype, t.dtype)
+    return Call(op, s.device.type, dtypes, cfg, s.shape[1])
 
 
 # ----------------------------------------------------------------------------- select
-def _select_meta(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed, validate):
-    _checks.check_dense(s, t, teacher_topk, exclude, row_ids, K=K, M=M, L=L, T=T, beta=0.0,
-                        mode=mode, seed=seed, validate=validate, need_teacher_scores=False)
+def _select_empty(s: Tensor, cfg: RCEKDConfig) -> Tuple[Tensor, Tensor, Tensor]:
     B = s.shape[0]
-    i64 = dict(dtype=torch.int64, device=s.device)
-    return (s.new_empty((B, K), **i64), s.new_empty((B, L), **i64), s.new_empty((B, K), **i64),
-            s.new_empty((B, K), dtype=torch.bool), s.new_empty((B, 2), **i64))
+    return (s.new_empty((B, cfg.width), dtype=torch.int64), s.new_empty((B, cfg.K), dtype=torch.bool),
+            s.new_empty((B, 2), dtype=torch.int64))
 
 
-@torch.library.custom_op("rcekd::select", mutates_args=())
-def select(s: Tensor, t: Optional[Tensor], teacher_topk: Optional[Tensor], exclude: Optional[Tensor],
-           row_ids: Tensor, K: int, M: int, L: int, T: float, mode: str, seed: int, backend: str,
-           validate: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    empty = _select_meta(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed, validate)
+def _select_impl(s, t, teacher_topk, exclude, row_ids, *rest):
+    cfg, (seed, backend, validate) = _cfg(rest)
+    _checks.check_dense(s, t, teacher_topk, exclude, row_ids, cfg, validate=validate, need_teacher_scores=False)
     if s.shape[0] == 0:
-        return empty
-    return resolve(backend, s.device).select(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed)
+        return _select_empty(s, cfg)
+    impl = resolve(backend, _dense_call("select", s, t if teacher_topk is None else None, cfg))
+    return impl.select(s, t, teacher_topk, exclude, row_ids, cfg, seed)
 
 
-@select.register_fake
-def _(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed, backend, validate):
-    return _select_meta(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed, False)
+def _select_fake(s, t, teacher_topk, exclude, row_ids, *rest):
+    cfg, _ = _cfg(rest)
+    _checks.check_dense(s, t, teacher_topk, exclude, row_ids, cfg, validate=False, need_teacher_scores=False)
+    return _select_empty(s, cfg)
+
+
+select = _define(
+    "select",
+    f"(Tensor s, Tensor? t, Tensor? teacher_topk, Tensor? exclude, Tensor row_ids, {_HP_SCHEMA}, int seed, "
+    f"str backend, bool validate) -> (Tensor, Tensor, Tensor)", _select_impl, _select_fake)
 
 
 # ---------------------------------------------------------------------- subset CE
-def _subset_meta(s_g, t_g, q2_mask, gamma, K, L, tau):
-    _checks.check_gathered(s_g, t_g, q2_mask, gamma, K=K, L=L, tau=tau)
-    B = s_g.shape[0]
-    dt = _cdtype(s_g)
+def _subset_empty(s_g: Tensor) -> Tuple[Tensor, Tensor]:
+    B, dt = s_g.shape[0], compute_dtype(s_g)
     return s_g.new_empty((B,), dtype=dt), s_g.new_empty((B, 2), dtype=dt)
 
 
-@torch.library.custom_op("rcekd::subset_ce_fwd", mutates_args=())
-def subset_ce_fwd(s_g: Tensor, t_g: Tensor, q2_mask: Tensor, gamma: Tensor, K: int, L: int, tau: float,
-                  backend: str) -> Tuple[Tensor, Tensor]:
-    empty = _subset_meta(s_g, t_g, q2_mask, gamma, K, L, tau)
+def _subset_fwd_impl(s_g, t_g, q2_mask, gamma, *rest):
+    cfg, (backend,) = _cfg(rest)
+    _checks.check_gathered(s_g, t_g, q2_mask, gamma, cfg)
     if s_g.shape[0] == 0:
-        return empty
-    return resolve(backend, s_g.device).subset_ce_fwd(s_g, t_g, q2_mask, gamma, K, L, tau)
+        return _subset_empty(s_g)
+    impl = resolve(backend, Call("subset_ce_fwd", s_g.device.type, (s_g.dtype, t_g.dtype), cfg))
+    return impl.subset_ce_fwd(s_g, t_g, q2_mask, gamma, cfg)
 
 
-@subset_ce_fwd.register_fake
-def _(s_g, t_g, q2_mask, gamma, K, L, tau, backend):
-    return _subset_meta(s_g, t_g, q2_mask, gamma, K, L, tau)
+def _subset_fwd_fake(s_g, t_g, q2_mask, gamma, *rest):
+    cfg, _ = _cfg(rest)
+    _checks.check_gathered(s_g, t_g, q2_mask, gamma, cfg)
+    return _subset_empty(s_g)
 
 
-@torch.library.custom_op("rcekd::subset_ce_bwd", mutates_args=())
-def subset_ce_bwd(grad_rows: Tensor, s_g: Tensor, t_g: Tensor, q2_mask: Tensor, gamma: Tensor, K: int,
-                  L: int, tau: float, backend: str) -> Tensor:
+subset_ce_fwd = _define(
+    "subset_ce_fwd",
+    f"(Tensor s_g, Tensor t_g, Tensor q2_mask, Tensor gamma, {_HP_SCHEMA}, str backend) -> (Tensor, Tensor)",
+    _subset_fwd_impl, _subset_fwd_fake)
+
+
+def _subset_bwd_impl(grad_rows, s_g, t_g, q2_mask, gamma, *rest):
+    cfg, (backend,) = _cfg(rest)
+    _checks.check_gathered(s_g, t_g, q2_mask, gamma, cfg, grad_rows=grad_rows)
     if s_g.shape[0] == 0:
         return torch.zeros_like(s_g)
-    g = resolve(backend, s_g.device).subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau)
-    return g.to(s_g.dtype)
+    impl = resolve(backend, Call("subset_ce_bwd", s_g.device.type, (s_g.dtype, t_g.dtype), cfg))
+    return impl.subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, cfg).to(s_g.dtype)
 
 
-@subset_ce_bwd.register_fake
-def _(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau, backend):
+def _subset_bwd_fake(grad_rows, s_g, t_g, q2_mask, gamma, *rest):
+    cfg, _ = _cfg(rest)
+    _checks.check_gathered(s_g, t_g, q2_mask, gamma, cfg, grad_rows=grad_rows)
     return torch.empty_like(s_g)
 
 
+subset_ce_bwd = _define(
+    "subset_ce_bwd",
+    f"(Tensor grad_rows, Tensor s_g, Tensor t_g, Tensor q2_mask, Tensor gamma, {_HP_SCHEMA}, str backend) -> Tensor",
+    _subset_bwd_impl, _subset_bwd_fake)
+
+
 def _subset_setup(ctx, inputs, output):
-    s_g, t_g, q2_mask, gamma, K, L, tau, backend = inputs
+    s_g, t_g, q2_mask, gamma = inputs[:4]
     ctx.save_for_backward(s_g, t_g, q2_mask, gamma)
-    ctx.hp = (K, L, tau, backend)
+    ctx.rest = inputs[4:]
 
 
 def _subset_backward(ctx, grad_loss, grad_parts):
     s_g, t_g, q2_mask, gamma = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
-        grad = subset_ce_bwd(grad_loss, s_g, t_g, q2_mask, gamma, *ctx.hp)
-    return grad, None, None, None, None, None, None, None
+        grad = subset_ce_bwd(grad_loss, s_g, t_g, q2_mask, gamma, *ctx.rest)
+    return (grad,) + (None,) * (3 + len(ctx.rest))
 
 
 subset_ce_fwd.register_autograd(_subset_backward, setup_context=_subset_setup)
 
 
 # --------------------------------------------------------------------- fused dense
-def _fused_meta(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed, validate):
-    _checks.check_dense(s, t, teacher_topk, exclude, row_ids, K=K, M=M, L=L, tau=tau, T=T, beta=beta,
-                        mode=mode, seed=seed, validate=validate, need_teacher_scores=True)
+def _fused_empty(s: Tensor, cfg: RCEKDConfig) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     B = s.shape[0]
-    dt = _cdtype(s)
-    return (s.new_empty((B,), dtype=dt), s.new_empty((B, N_STATS), dtype=torch.float32),
-            s.new_empty((B, 2 * K + L), dtype=torch.int64), s.new_empty((B, K), dtype=torch.bool))
+    return (s.new_empty((B,), dtype=compute_dtype(s)), s.new_empty((B, N_STATS), dtype=torch.float32),
+            s.new_empty((B, cfg.width), dtype=torch.int64), s.new_empty((B, cfg.K), dtype=torch.bool))
 
 
-@torch.library.custom_op("rcekd::fused_fwd", mutates_args=())
-def fused_fwd(s: Tensor, t: Tensor, teacher_topk: Optional[Tensor], exclude: Optional[Tensor],
-              row_ids: Tensor, K: int, M: int, L: int, tau: float, T: float, beta: float, mode: str,
-              seed: int, backend: str, validate: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    empty = _fused_meta(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed, validate)
+def _fused_fwd_impl(s, t, teacher_topk, exclude, row_ids, *rest):
+    cfg, (seed, backend, validate) = _cfg(rest)
+    _checks.check_dense(s, t, teacher_topk, exclude, row_ids, cfg, validate=validate, need_teacher_scores=True)
     if s.shape[0] == 0:
-        return empty
-    return resolve(backend, s.device).fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T,
-                                                beta, mode, seed)
+        return _fused_empty(s, cfg)
+    impl = resolve(backend, _dense_call("fused_fwd", s, t, cfg))
+    return impl.fused_fwd(s, t, teacher_topk, exclude, row_ids, cfg, seed)
 
 
-@fused_fwd.register_fake
-def _(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed, backend, validate):
-    return _fused_meta(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed, False)
+def _fused_fwd_fake(s, t, teacher_topk, exclude, row_ids, *rest):
+    cfg, _ = _cfg(rest)
+    _checks.check_dense(s, t, teacher_topk, exclude, row_ids, cfg, validate=False, need_teacher_scores=True)
+    return _fused_empty(s, cfg)
 
 
-@torch.library.custom_op("rcekd::fused_bwd", mutates_args=())
-def fused_bwd(grad_rows: Tensor, s: Tensor, t: Tensor, idx: Tensor, q2_mask: Tensor, gamma: Tensor,
-              K: int, L: int, tau: float, backend: str) -> Tensor:
+fused_fwd = _define(
+    "fused_fwd",
+    f"(Tensor s, Tensor t, Tensor? teacher_topk, Tensor? exclude, Tensor row_ids, {_HP_SCHEMA}, int seed, "
+    f"str backend, bool validate) -> (Tensor, Tensor, Tensor, Tensor)", _fused_fwd_impl, _fused_fwd_fake)
+
+
+def _fused_bwd_impl(grad_rows, s, t, idx, q2_mask, gamma, *rest):
+    cfg, (backend,) = _cfg(rest)
+    _checks.check_fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, cfg)
     if s.shape[0] == 0:
         return torch.zeros_like(s)
-    return resolve(backend, s.device).fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, K, L, tau)
+    impl = resolve(backend, _dense_call("fused_bwd", s, t, cfg))
+    return impl.fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, cfg)
 
 
-@fused_bwd.register_fake
-def _(grad_rows, s, t, idx, q2_mask, gamma, K, L, tau, backend):
+def _fused_bwd_fake(grad_rows, s, t, idx, q2_mask, gamma, *rest):
+    cfg, _ = _cfg(rest)
+    _checks.check_fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, cfg)
     return torch.empty_like(s)
 
 
-def _fused_setup(ctx, inputs, output):
-    s, t, _topk, _exclude, _rows, K, _M, L, tau, _T, _beta, _mode, _seed, backend, _validate = inputs
+fused_bwd = _define(
+    "fused_bwd",
+    f"(Tensor grad_rows, Tensor s, Tensor t, Tensor idx, Tensor q2_mask, Tensor gamma, {_HP_SCHEMA}, "
+    f"str backend) -> Tensor", _fused_bwd_impl, _fused_bwd_fake)
+
+
+def save_fused(ctx, s: Tensor, t: Tensor, output: Sequence[Tensor], cfg: RCEKDConfig, backend: str) -> None:
+    """Saves on ``ctx`` what :func:`fused_grad` reads, from the inputs and outputs of ``fused_fwd``."""
     _loss, stats, idx, q2_mask = output
-    ctx.save_for_backward(s, t, idx, q2_mask, stats)
-    ctx.hp = (K, L, tau, backend)
+    ctx.save_for_backward(s, t, idx, q2_mask, stats[:, 2].contiguous())
+    ctx.rcekd = (cfg, backend)
 
 
-def fused_backward(ctx, grad_loss, *unused):
-    """Backward of ``fused_fwd`` (shared by the op's autograd and RCEKDFunction)."""
-    s, t, idx, q2_mask, stats = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0] and grad_loss is not None:
-        grad = fused_bwd(grad_loss, s, t, idx, q2_mask, stats[:, 2].contiguous(), *ctx.hp)
-    return (grad,) + (None,) * 14
+def fused_grad(ctx, grad_loss: Optional[Tensor]) -> Optional[Tensor]:
+    """The gradient of the dense loss rows with respect to the student scores (or None)."""
+    s, t, idx, q2_mask, gamma = ctx.saved_tensors
+    if not ctx.needs_input_grad[0] or grad_loss is None:
+        return None
+    cfg, backend = ctx.rcekd
+    return fused_bwd(grad_loss, s, t, idx, q2_mask, gamma, *flatten(cfg), backend)
 
 
-fused_fwd.register_autograd(fused_backward, setup_context=_fused_setup)
+def _fused_setup(ctx, inputs, output):
+    cfg, (_seed, backend, _validate) = _cfg(inputs[5:])
+    save_fused(ctx, inputs[0], inputs[1], output, cfg, backend)
+    ctx.n_inputs = len(inputs)
+
+
+def _fused_backward(ctx, grad_loss, *_unused):
+    return (fused_grad(ctx, grad_loss),) + (None,) * (ctx.n_inputs - 1)
+
+
+fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# --------------------------------------------------------------------- gathered_dot
+def _gd_call(op: str, u: Tensor, v: Tensor) -> Call:
+    return Call(op, u.device.type, (u.dtype, v.dtype), None, v.shape[0] if v.dim() == 2 else 0)
+
+
+def _gd_impl(user_vecs, item_vecs, idx, backend, validate):
+    _checks.check_gathered_dot(user_vecs, item_vecs, idx, validate=validate)
+    if idx.numel() == 0:
+        return user_vecs.new_zeros(idx.shape)
+    return resolve(backend, _gd_call("gathered_dot", user_vecs, item_vecs)).gathered_dot(user_vecs, item_vecs, idx)
+
+
+def _gd_fake(user_vecs, item_vecs, idx, backend, validate):
+    _checks.check_gathered_dot(user_vecs, item_vecs, idx, validate=False)
+    return user_vecs.new_empty(idx.shape)
+
+
+gathered_dot = _define(
+    "gathered_dot", "(Tensor user_vecs, Tensor item_vecs, Tensor idx, str backend, bool validate) -> Tensor",
+    _gd_impl, _gd_fake)
+
+
+def _gd_bwd_impl(grad, user_vecs, item_vecs, idx, backend):
+    _checks.check_gathered_dot(user_vecs, item_vecs, idx, validate=False, grad=grad)
+    if idx.numel() == 0:
+        return torch.zeros_like(user_vecs), torch.zeros_like(item_vecs)
+    impl = resolve(backend, _gd_call("gathered_dot_bwd", user_vecs, item_vecs))
+    return impl.gathered_dot_bwd(grad, user_vecs, item_vecs, idx)
+
+
+def _gd_bwd_fake(grad, user_vecs, item_vecs, idx, backend):
+    _checks.check_gathered_dot(user_vecs, item_vecs, idx, validate=False, grad=grad)
+    return torch.empty_like(user_vecs), torch.empty_like(item_vecs)
+
+
+gathered_dot_bwd = _define(
+    "gathered_dot_bwd",
+    "(Tensor grad, Tensor user_vecs, Tensor item_vecs, Tensor idx, str backend) -> (Tensor, Tensor)",
+    _gd_bwd_impl, _gd_bwd_fake)
+
+
+def _gd_setup(ctx, inputs, output):
+    u, v, idx, backend, _validate = inputs
+    ctx.save_for_backward(u, v, idx)
+    ctx.backend = backend
+
+
+def _gd_backward(ctx, grad):
+    u, v, idx = ctx.saved_tensors
+    gu, gv = gathered_dot_bwd(grad.contiguous(), u, v, idx, ctx.backend)
+    return (gu if ctx.needs_input_grad[0] else None), (gv if ctx.needs_input_grad[1] else None), None, None, None
+
+
+gathered_dot.register_autograd(_gd_backward, setup_context=_gd_setup)

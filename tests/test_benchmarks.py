@@ -12,8 +12,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import plot  # noqa: E402
 import regenerate  # noqa: E402
+
+import plot  # noqa: E402
 
 
 def _row(provider, op="fwdbwd", p50=1.0, N=1000, traffic_mb=10.0, peak="", grad_mb=4.0):

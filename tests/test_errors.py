@@ -50,11 +50,14 @@ _q, _e = excl_hits_topk()
 
 # (id, overrides, exception, words the message must contain)
 CASES = [
-    ("student_not_2d", dict(student_scores=torch.randn(20), teacher_scores=torch.randn(20)), ValueError, ["student_scores", "2-D"]),
+    ("student_not_2d", dict(student_scores=torch.randn(20), teacher_scores=torch.randn(20)), ValueError,
+     ["student_scores", "2-D"]),
     ("student_3d", dict(student_scores=torch.randn(2, 3, 20)), ValueError, ["student_scores", "2-D"]),
     ("shape_mismatch", dict(teacher_scores=torch.randn(3, 21)), ValueError, ["teacher_scores", "shape"]),
-    ("int_scores", dict(student_scores=torch.ones(3, 20, dtype=torch.int64)), TypeError, ["student_scores", "floating"]),
-    ("int_teacher", dict(teacher_scores=torch.ones(3, 20, dtype=torch.int32)), TypeError, ["teacher_scores", "floating"]),
+    ("int_scores", dict(student_scores=torch.ones(3, 20, dtype=torch.int64)), TypeError,
+     ["student_scores", "floating"]),
+    ("int_teacher", dict(teacher_scores=torch.ones(3, 20, dtype=torch.int32)), TypeError,
+     ["teacher_scores", "floating"]),
     ("complex_scores", dict(student_scores=torch.randn(3, 20, dtype=torch.complex64)), TypeError, ["student_scores"]),
     ("not_tensor", dict(student_scores=[[1.0] * 20] * 3), TypeError, ["student_scores"]),
     ("K_zero", dict(K=0), ValueError, ["K", "1 <= K"]),
@@ -79,8 +82,10 @@ CASES = [
     ("ninf_teacher", dict(teacher_scores=inf_at(torch.randn(3, 20), float("-inf"))), ValueError, ["teacher_scores"]),
     ("topk_shape", dict(teacher_topk=topk(K=4)), ValueError, ["teacher_topk", "shape"]),
     ("topk_dtype", dict(teacher_topk=topk().int()), TypeError, ["teacher_topk", "int64"]),
-    ("topk_range_hi", dict(teacher_topk=topk().index_fill(1, torch.tensor([0]), 20)), ValueError, ["teacher_topk", "[0, 20)"]),
-    ("topk_range_lo", dict(teacher_topk=topk().index_fill(1, torch.tensor([0]), -1)), ValueError, ["teacher_topk", "[0, 20)"]),
+    ("topk_range_hi", dict(teacher_topk=topk().index_fill(1, torch.tensor([0]), 20)), ValueError,
+     ["teacher_topk", "[0, 20)"]),
+    ("topk_range_lo", dict(teacher_topk=topk().index_fill(1, torch.tensor([0]), -1)), ValueError,
+     ["teacher_topk", "[0, 20)"]),
     ("topk_repeated", dict(teacher_topk=dup_topk()), ValueError, ["teacher_topk", "repeated", "row 1"]),
     ("topk_excluded", dict(teacher_topk=_q, exclude=_e), ValueError, ["teacher_topk", "exclude", "row 1"]),
     ("too_few_items", dict(exclude=excl_many()), ValueError, ["exclude", "fewer than M", "row 2"]),
@@ -88,7 +93,8 @@ CASES = [
     ("exclude_shape", dict(exclude=torch.zeros(3, 19, dtype=torch.bool)), ValueError, ["exclude", "shape"]),
     ("row_ids_shape", dict(row_ids=torch.arange(4)), ValueError, ["row_ids", "shape"]),
     ("row_ids_float", dict(row_ids=torch.zeros(3)), TypeError, ["row_ids", "integer"]),
-    ("device_mismatch", dict(teacher_scores=torch.randn(3, 20, device="meta")), ValueError, ["teacher_scores", "device"]),
+    ("device_mismatch", dict(teacher_scores=torch.randn(3, 20, device="meta")), ValueError,
+     ["teacher_scores", "device"]),
 ]
 
 
@@ -106,9 +112,11 @@ def test_bad_input_dense(name, over, exc, words):
         assert torch.equal(s.detach(), before, ) or torch.isnan(before).any()
 
 
-@pytest.mark.parametrize("name,over,exc,words",
-                         [c for c in CASES if c[0] not in ("reduction_unknown", "tau_zero", "tau_negative", "tau_nan")],
-                         ids=[c[0] for c in CASES if c[0] not in ("reduction_unknown", "tau_zero", "tau_negative", "tau_nan")])
+_LOSS_ONLY = ("reduction_unknown", "tau_zero", "tau_negative", "tau_nan")
+
+
+@pytest.mark.parametrize("name,over,exc,words", [c for c in CASES if c[0] not in _LOSS_ONLY],
+                         ids=[c[0] for c in CASES if c[0] not in _LOSS_ONLY])
 def test_bad_input_select(name, over, exc, words):
     kw = {**base(), **over}
     kw.pop("tau", None)
@@ -140,10 +148,19 @@ def test_teacher_required_for_loss_but_not_select_with_topk():
 def test_errors_from_direct_op_calls():
     """The custom ops check their arguments themselves (one place, every entry point)."""
     s, t = torch.randn(2, 10), torch.randn(2, 10)
+    # the schemas' hyperparameters: K, M, L, tau, T, beta, mode (rcekd_kernels.ops.HPARAMS), then seed
     with pytest.raises(ValueError, match="L must satisfy"):
         torch.ops.rcekd.fused_fwd(s, t, None, None, torch.arange(2), 2, 4, 5, 1.0, 10.0, 1.0, "paper", 0, "auto", True)
     with pytest.raises(ValueError, match="mode"):
-        torch.ops.rcekd.select(s, t, None, None, torch.arange(2), 2, 4, 3, 10.0, "x", 0, "auto", True)
+        torch.ops.rcekd.select(s, t, None, None, torch.arange(2), 2, 4, 3, 1.0, 10.0, 1.0, "x", 0, "auto", True)
+    with pytest.raises(ValueError, match="idx must be int64 of shape"):
+        torch.ops.rcekd.fused_bwd(torch.ones(2), s, t, torch.zeros(2, 5, dtype=torch.int64),
+                                  torch.zeros(2, 2, dtype=torch.bool), torch.ones(2), 2, 4, 2, 1.0, 10.0, 1.0,
+                                  "paper", "auto")
+    with pytest.raises(ValueError, match="grad_rows"):
+        torch.ops.rcekd.subset_ce_bwd(torch.ones(3), torch.randn(2, 6), torch.randn(2, 6),
+                                      torch.zeros(2, 2, dtype=torch.bool), torch.ones(2), 2, 4, 2, 1.0, 10.0, 1.0,
+                                      "paper", "auto")
 
 
 def test_gathered_bad_inputs():

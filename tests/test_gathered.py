@@ -107,8 +107,10 @@ def test_bad_input(backend):
     bad[1, 2] = -1
     with pytest.raises(ValueError, match="outside"):
         R.gathered_dot(u, v, bad, backend=backend)
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="does not implement gathered_dot"):
         R.gathered_dot(u, v, idx, backend="triton")
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        R.gathered_dot(u, v, idx, backend="cudnn")
 
 
 @need_cpp
@@ -129,7 +131,7 @@ def test_opcheck_and_compile():
     u.requires_grad_()
     v.requires_grad_()
     for backend in BACKENDS:
-        torch.library.opcheck(torch.ops.rcekd.gathered_dot.default, (u, v, idx, backend))
+        torch.library.opcheck(torch.ops.rcekd.gathered_dot.default, (u, v, idx, backend, True))
 
     def f(a, b):
         return (R.gathered_dot(a, b, idx, validate=False) * g).sum()

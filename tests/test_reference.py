@@ -9,10 +9,14 @@ import pytest
 import torch
 
 import rcekd_kernels as R
-from rcekd_kernels import rng
+from rcekd_kernels import rng, spec
 from rcekd_kernels.backends import reference as ref
 
 import oracle
+from conformance import assert_matches_oracle, oracle_rows
+from conformance import oracle_config as random_config
+from conformance import oracle_hp as hp
+from conformance import oracle_tensors as tensors
 
 HERE = os.path.dirname(__file__)
 
@@ -21,93 +25,6 @@ HERE = os.path.dirname(__file__)
 def _reference_backend(monkeypatch):
     """These tests are about the reference: "auto" would pick a compiled backend."""
     monkeypatch.setenv("RCEKD_BACKEND", "reference")
-
-
-# ------------------------------------------------------------------ random configurations
-def random_config(i):
-    g = np.random.default_rng(1000 + i)
-    B = int(g.choice([1, 1, 2, 3, 4]))
-    N = int(g.integers(2, 41))
-    K = int(g.integers(1, N + 1))
-    M = int(g.integers(K, N + 1))
-    special = g.integers(0, 6)
-    if special == 0:
-        M = K
-    elif special == 1:
-        M = N
-    L = int(g.integers(1, M + 1))
-    if g.random() < 0.2:
-        L = M
-    ties = g.random() < 0.4
-    if ties:
-        s = np.round(g.normal(size=(B, N)) * 2) / 2
-        t = np.round(g.normal(size=(B, N)) * 2) / 2
-    else:
-        s = g.normal(size=(B, N)) * g.choice([0.3, 1.0, 4.0])
-        t = g.normal(size=(B, N)) * g.choice([0.3, 1.0, 4.0])
-    excl = None
-    if g.random() < 0.3 and M < N:
-        excl = np.zeros((B, N), dtype=bool)
-        for b in range(B):
-            n_ex = int(g.integers(0, N - M + 1))
-            excl[b, g.choice(N, n_ex, replace=False)] = True
-    qt = None
-    if g.random() < 0.35:
-        qt = np.zeros((B, K), dtype=np.int64)
-        for b in range(B):
-            ok = [j for j in range(N) if excl is None or not excl[b, j]]
-            qt[b] = g.choice(ok, K, replace=False)
-    return dict(
-        s=s.astype(np.float32), t=t.astype(np.float32), excl=excl, qt=qt, K=K, M=M, L=L,
-        tau=float(g.choice([0.5, 1.0, 2.0])), T=float(g.choice([0.5, 1.0, 10.0])),
-        beta=float(g.choice([0.0, 3.0, 5.0])), mode=str(g.choice(["paper", "official"])),
-        seed=int(g.integers(0, 2**33)), rows=g.integers(-(2**40), 2**40, size=B).astype(np.int64))
-
-
-def oracle_rows(c):
-    out = []
-    for b in range(c["s"].shape[0]):
-        out.append(oracle.row(
-            [float(x) for x in c["s"][b]], [float(x) for x in c["t"][b]],
-            None if c["excl"] is None else [bool(x) for x in c["excl"][b]],
-            None if c["qt"] is None else [int(x) for x in c["qt"][b]],
-            K=c["K"], M=c["M"], L=c["L"], tau=c["tau"], T=c["T"], beta=c["beta"], mode=c["mode"],
-            seed=c["seed"], row_id=int(c["rows"][b])))
-    return out
-
-
-def tensors(c, dtype=torch.float32):
-    s = torch.tensor(c["s"], dtype=dtype, requires_grad=True)
-    t = torch.tensor(c["t"], dtype=dtype)
-    excl = None if c["excl"] is None else torch.tensor(c["excl"])
-    qt = None if c["qt"] is None else torch.tensor(c["qt"])
-    return s, t, excl, qt, torch.tensor(c["rows"])
-
-
-def hp(c):
-    return dict(K=c["K"], M=c["M"], L=c["L"], T=c["T"], beta=c["beta"], mode=c["mode"], seed=c["seed"])
-
-
-def assert_matches_oracle(c, backend="reference"):
-    want = oracle_rows(c)
-    s, t, excl, qt, rows = tensors(c)
-    sel = R.select(s, t, qt, row_ids=rows, exclude=excl, backend=backend, **hp(c))
-    for b, w in enumerate(want):
-        assert sel.student_topk[b].tolist() == w["QS"]
-        assert sel.sampled[b].tolist() == w["A"]
-        assert sel.teacher_topk[b].tolist() == w["QT"]
-        assert sel.q2_mask[b].tolist() == w["q2_mask"]
-        assert int(sel.n_q1[b]) == w["n_q1"] and int(sel.n_qt_sampled[b]) == w["n_qt_a"]
-        assert float(sel.gamma[b]) == pytest.approx(w["gamma"], rel=1e-6)
-    loss = R.rce_kd_loss(s, t, qt, row_ids=rows, exclude=excl, tau=c["tau"], reduction="none",
-                         backend=backend, **hp(c))
-    w_loss = torch.tensor([w["loss"] for w in want], dtype=torch.float64)
-    torch.testing.assert_close(loss.double(), w_loss, rtol=1e-5, atol=1e-6)
-    v = torch.linspace(0.5, 2.0, len(want))  # a non-uniform upstream gradient
-    (loss * v).sum().backward()
-    w_grad = torch.tensor([[x * float(v[b]) for x in w["grad"]] for b, w in enumerate(want)],
-                          dtype=torch.float64)
-    torch.testing.assert_close(s.grad.double(), w_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("i", range(240))
@@ -303,13 +220,13 @@ def test_official_counts_equal_authors_weight_matrix():
     g = torch.Generator().manual_seed(5)
     B, N, K, M = 8, 400, 100, 200
     s, t = torch.randn(B, N, generator=g), torch.randn(B, N, generator=g)
-    pool = ref.ranked_topk(s, M, None)
-    qt = ref.ranked_topk(t, K, None)
+    pool = spec.ranked_topk(s, M, None)
+    qt = spec.ranked_topk(t, K, None)
     w = torch.zeros(B, M)
     hit = (qt.unsqueeze(1) == pool.unsqueeze(2)).any(2)  # pool position holds a teacher item
     w[hit] += 1
     want = torch.minimum(torch.cumsum(w.flip(-1), -1).flip(-1), torch.tensor(50.0))
-    got = ref.pool_counts(ref._positions(pool, qt), K, M, "official")
+    got = spec.pool_counts(ref._positions(pool, qt), K, M, "official")
     assert torch.equal(got.float(), want)
     assert (want == 50).any()  # the cap is exercised
 

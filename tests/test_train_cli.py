@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from test_train_helpers import shared_data_dir
 
 from rcekd_train.cli import main
-from test_train_helpers import shared_data_dir
 
 TINY = ["--set", "data.num_users=150", "--set", "data.num_items=100", "--set", "data.mean_items=12",
         "--set", "data.min_items=5", "--set", "data.max_items=40", "--set", "train.epochs=2",

@@ -6,12 +6,19 @@ import os
 
 import numpy as np
 import pytest
+from test_train_helpers import shared_data_dir
 
-from rcekd_train.data import (DataFormatError, load_dataset, make_synthetic, read_user_lines, read_users_dat,
-                              split_in_order, write_split)
+from rcekd_train.data import (
+    DataFormatError,
+    load_dataset,
+    make_synthetic,
+    read_user_lines,
+    read_users_dat,
+    split_in_order,
+    write_split,
+)
 from rcekd_train.data.citeulike import load_citeulike
 from rcekd_train.data.lightgcn_format import load_lightgcn_format
-from test_train_helpers import shared_data_dir
 
 
 def read_tsv_pairs(path):

@@ -6,12 +6,17 @@ import os
 
 import pytest
 import torch
+from test_train_helpers import tiny_synthetic
 
 from rcekd_train.config import resolve
-from rcekd_train.kd.hetcomp import (HetComp, choose_checkpoints, hetcomp_overall_rows, hetcomp_rank_rows,
-                                    ndcg_discrepancy)
+from rcekd_train.kd.hetcomp import (
+    HetComp,
+    choose_checkpoints,
+    hetcomp_overall_rows,
+    hetcomp_rank_rows,
+    ndcg_discrepancy,
+)
 from rcekd_train.runs import run_one
-from test_train_helpers import tiny_synthetic
 
 
 def brute_D(student, target, lam, relevance):

@@ -4,12 +4,24 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_train_helpers import tiny_synthetic
 
 from rcekd_kernels import select
-from rcekd_train.kd import (CD, DCD, RCEKD, RRD, FrozenTeacher, VanillaCE, cd_rows, ce_rows, gumbel_topk,
-                            listwise_rows, mix_seed, ranked_topk)
+from rcekd_train.kd import (
+    CD,
+    DCD,
+    RCEKD,
+    RRD,
+    FrozenTeacher,
+    VanillaCE,
+    cd_rows,
+    ce_rows,
+    gumbel_topk,
+    listwise_rows,
+    mix_seed,
+    ranked_topk,
+)
 from rcekd_train.models import build_model
-from test_train_helpers import tiny_synthetic
 
 torch.set_default_dtype(torch.float32)
 

@@ -90,6 +90,7 @@ def test_authors_convention_counts_users_without_items_as_zeros():
 
 def test_authors_convention_factor_on_citeulike():
     from test_train_helpers import shared_data_dir
+
     from rcekd_train.data import load_dataset
     root = shared_data_dir("citeulike", "users.dat")
     data = load_dataset("citeulike", root)

@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_train_helpers import tiny_synthetic
 
 from rcekd_train.models import build_model, normalized_adjacency
 from rcekd_train.models.base import PairBatches
-from test_train_helpers import tiny_synthetic
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_bpr_negatives_exclude_positives(data):
         assert j not in set(data.train.items_of(u).tolist())
     # every pair appears once per epoch
     seen = []
-    for u, p, n in pb(g):
+    for u, p, _n in pb(g):
         seen += list(zip(u.tolist(), p.tolist()))
     assert sorted(seen) == sorted(map(tuple, data.train.pairs().tolist()))
 

@@ -9,7 +9,7 @@
 // the same (b, w) order whatever the number of threads: deterministic results.
 #include "rcekd_cpu.h"
 
-#include "../checks.h"
+#include "../binding.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>

@@ -20,8 +20,9 @@
 // read through their strides, and the only (B, N) tensor is fused_bwd's output.
 #include "rcekd_cpu.h"
 
-#include "../checks.h"
+#include "../binding.h"
 #include "../rng.h"
+#include "../spec.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -44,7 +45,7 @@ using u32 = uint32_t;
 using u64 = uint64_t;
 using u128 = unsigned __int128;
 
-constexpr int64_t kOfficialCap = 50;
+constexpr int64_t kOfficialCap = spec::kOfficialCap;  // ../spec.h
 
 // ------------------------------------------------------------------ RNG (spec 4): csrc/rng.h
 using rng::row_key;
@@ -114,30 +115,14 @@ std::vector<u128>& Scratch::cbuf<u128>() { return c128; }
 template <>
 std::vector<u128>& Scratch::tbuf<u128>() { return t128; }
 
-// A strided (B, N) view of a score tensor.
-struct Dense {
-  const void* data = nullptr;
-  at::ScalarType dtype = at::kFloat;
-  int64_t s0 = 0, s1 = 0;
-};
-
-inline Dense dense_of(const Tensor& x) {
-  Dense d;
-  d.data = x.data_ptr();
-  d.dtype = x.scalar_type();
-  d.s0 = x.stride(0);
-  d.s1 = x.stride(1);
-  return d;
-}
-
 template <typename F>
-void dispatch_float(at::ScalarType st, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kDouble: f(double{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, msg("rcekd: unsupported score dtype ", c10::toString(st)));
+void dispatch_float(int code, F&& f) {  // code: a dtype code of args.h
+  switch (code) {
+    case kF32: f(float{}); break;
+    case kF64: f(double{}); break;
+    case kF16: f(c10::Half{}); break;
+    case kBF16: f(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "rcekd: unsupported score dtype");
   }
 }
 
@@ -211,27 +196,10 @@ void ranked_topk_row(const S* x, int64_t sx, const bool* ex, int64_t sex, int64_
   std::sort(b, b + k, std::greater<C>());
 }
 
-// Everything a selection needs, shared by select and fused_fwd.
-struct SelCtx {
-  int64_t B = 0, N = 0, K = 0, M = 0, L = 0;
-  bool paper = true;
-  double T = 10.0;
-  int64_t seed = 0;
-  Dense s, t;
-  bool has_t = false;
-  const bool* ex = nullptr;
-  int64_t ex0 = 0, ex1 = 0;
-  const int64_t* given_qt = nullptr;  // contiguous (B, K) or null
-  const int64_t* row_ids = nullptr;   // contiguous (B,)
-  // outputs (contiguous)
-  int64_t* qs = nullptr;       // (B, K), row stride qs_stride
-  int64_t* sampled = nullptr;  // (B, L), row stride a_stride
-  int64_t* qt = nullptr;       // (B, K), row stride qt_stride
-  int64_t qs_stride = 0, a_stride = 0, qt_stride = 0;
-  bool* q2 = nullptr;          // (B, K)
-  int64_t* counts = nullptr;   // (B, 2)
-  // chunk buffers (rows c0 .. c0 + rows)
-  int64_t c0 = 0;
+// Everything a selection needs, shared by select and fused_fwd: the arguments (args.h)
+// and the buffers of one chunk of rows.
+struct SelCtx : SelectArgs {
+  int64_t c0 = 0;             // first row of the chunk
   int64_t* pool = nullptr;    // (rows, M)
   int32_t* pos_t = nullptr;   // (rows, K)
   double* cf = nullptr;       // (rows, M): c / T
@@ -246,9 +214,9 @@ void select_phase_a_row(const SelCtx& c, int64_t r, Scratch& sc) {
   const int64_t N = c.N, K = c.K, M = c.M;
   const int64_t rr = r - c.c0;
   const S* srow = static_cast<const S*>(c.s.data) + r * c.s.s0;
-  const bool* exrow = c.ex ? c.ex + r * c.ex0 : nullptr;
+  const bool* exrow = c.exclude.data ? c.exclude.data + r * c.exclude.s0 : nullptr;
   std::vector<C>& buf = sc.sbuf<C>();
-  ranked_topk_row<S>(srow, c.s.s1, exrow, c.ex1, N, M, buf, sc.cbuf<C>());
+  ranked_topk_row<S>(srow, c.s.s1, exrow, c.exclude.s1, N, M, buf, sc.cbuf<C>());
   int64_t* pool = c.pool + rr * M;
   for (int64_t p = 0; p < M; ++p) pool[p] = R::item(buf[p]);
 
@@ -265,7 +233,7 @@ void select_phase_a_row(const SelCtx& c, int64_t r, Scratch& sc) {
       using TT = decltype(tag);
       using RT = Rank<TT>;
       std::vector<typename RT::comp_t>& tb = sc.tbuf<typename RT::comp_t>();
-      ranked_topk_row<TT>(static_cast<const TT*>(c.t.data) + r * c.t.s0, c.t.s1, exrow, c.ex1, N, K, tb,
+      ranked_topk_row<TT>(static_cast<const TT*>(c.t.data) + r * c.t.s0, c.t.s1, exrow, c.exclude.s1, N, K, tb,
                           sc.cbuf<typename RT::comp_t>());
       for (int64_t i = 0; i < K; ++i) qt[i] = RT::item(tb[i]);
     });
@@ -276,7 +244,7 @@ void select_phase_a_row(const SelCtx& c, int64_t r, Scratch& sc) {
   const C* b = buf.data();
   for (int64_t i = 0; i < K; ++i) {
     const int64_t j = qt[i];
-    const C cj = R::make(srow[j * c.s.s1], j, exrow ? exrow[j * c.ex1] : false);
+    const C cj = R::make(srow[j * c.s.s1], j, exrow ? exrow[j * c.exclude.s1] : false);
     const C* it = std::lower_bound(b, b + M, cj, std::greater<C>());
     pos[i] = (it != b + M && *it == cj) ? static_cast<int32_t>(it - b) : static_cast<int32_t>(M);
   }
@@ -388,31 +356,6 @@ void run_selection(SelCtx& c, AfterRow&& after_row) {
       }
     });
   }
-}
-
-void fill_ctx(SelCtx& c, const Tensor& s, const std::optional<Tensor>& t, const Tensor& given_qt,
-              const std::optional<Tensor>& exclude, const Tensor& rows, int64_t K, int64_t M, int64_t L, double T,
-              std::string_view mode, int64_t seed) {
-  c.B = s.size(0);
-  c.N = s.size(1);
-  c.K = K;
-  c.M = M;
-  c.L = L;
-  c.paper = mode == "paper";
-  c.T = T;
-  c.seed = seed;
-  c.s = dense_of(s);
-  if (t.has_value()) {
-    c.t = dense_of(*t);
-    c.has_t = true;
-  }
-  if (exclude.has_value()) {
-    c.ex = exclude->data_ptr<bool>();
-    c.ex0 = exclude->stride(0);
-    c.ex1 = exclude->stride(1);
-  }
-  c.given_qt = given_qt.defined() ? given_qt.data_ptr<int64_t>() : nullptr;
-  c.row_ids = rows.data_ptr<int64_t>();
 }
 
 // ------------------------------------------------------------------ the losses
@@ -538,79 +481,56 @@ void row_grads(const A* x, const A* y, const bool* q2, int64_t K, int64_t L, A g
   for (int64_t i = K; i < K + n2; ++i) d[i] = ex[i] * bx - ey[i] * by;  // 0 off U
 }
 
-at::ScalarType acc_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 template <typename F>
-void dispatch_acc(at::ScalarType st, F&& f) {
-  if (st == at::kDouble) f(double{});
+void dispatch_acc(bool is_double, F&& f) {
+  if (is_double) f(double{});
   else f(float{});
 }
 
-// Per-row scalars (grad_rows, gamma) as compute dtype, contiguous (B values, small).
-Tensor small_as(const Tensor& x, at::ScalarType st) { return x.to(st).contiguous(); }
+// The rows of the gathered loss: for each row r, x and y = the scores at [QS | A | QT] / tau
+// (compute dtype A), then row_fn(r, x, y). Rows in parallel; shared by forward and backward.
+template <typename A, typename RowFn>
+void for_gathered_rows(const SubsetArgs& a, RowFn&& row_fn) {
+  const int64_t W = 2 * a.K + a.L;
+  const A* xp = static_cast<const A*>(a.s_g);
+  const A* yp = static_cast<const A*>(a.t_g);
+  const A tau = static_cast<A>(a.tau);
+  at::parallel_for(0, a.B, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<A> x(W), y(W);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t w = 0; w < W; ++w) {
+        x[w] = xp[r * W + w] / tau;
+        y[w] = yp[r * W + w] / tau;
+      }
+      row_fn(r, x.data(), y.data());
+    }
+  });
+}
 
 }  // namespace
 
 // ======================================================================== ops
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> select(
-    const Tensor& s, const std::optional<Tensor>& t, const std::optional<Tensor>& teacher_topk,
-    const std::optional<Tensor>& exclude, const Tensor& row_ids, int64_t K, int64_t M, int64_t L, double T,
-    std::string_view mode, int64_t seed) {
-  check_dense_args(s, t, teacher_topk, exclude, row_ids, K, M, L, mode);
-  const int64_t B = s.size(0);
-  const auto i64 = s.options().dtype(at::kLong);
-  Tensor qs = at::empty({B, K}, i64), a = at::empty({B, L}, i64), qt = at::empty({B, K}, i64);
-  Tensor q2 = at::empty({B, K}, s.options().dtype(at::kBool));
-  Tensor counts = at::empty({B, 2}, i64);
-  if (B == 0) return {qs, a, qt, q2, counts};
-  Tensor given = teacher_topk.has_value() ? teacher_topk->contiguous() : Tensor();
-  Tensor rows = row_ids.to(at::kLong).contiguous();
+void Kernels::select(const SelectArgs& a, const Tensor&) {
   SelCtx c;
-  fill_ctx(c, s, t, given, exclude, rows, K, M, L, T, mode, seed);
-  c.qs = qs.data_ptr<int64_t>();
-  c.sampled = a.data_ptr<int64_t>();
-  c.qt = qt.data_ptr<int64_t>();
-  c.qs_stride = K;
-  c.a_stride = L;
-  c.qt_stride = K;
-  c.q2 = q2.data_ptr<bool>();
-  c.counts = counts.data_ptr<int64_t>();
+  static_cast<SelectArgs&>(c) = a;
   run_selection(c, [](int64_t, Scratch&) {});
-  return {qs, a, qt, q2, counts};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> fused_fwd(
-    const Tensor& s, const Tensor& t, const std::optional<Tensor>& teacher_topk,
-    const std::optional<Tensor>& exclude, const Tensor& row_ids, int64_t K, int64_t M, int64_t L, double tau,
-    double T, double beta, std::string_view mode, int64_t seed) {
-  check_dense_args(s, t, teacher_topk, exclude, row_ids, K, M, L, mode);
-  const int64_t B = s.size(0);
-  const int64_t W = 2 * K + L;
-  const at::ScalarType acc = acc_dtype(s);
-  Tensor loss = at::empty({B}, s.options().dtype(acc));
-  Tensor stats = at::empty({B, 5}, s.options().dtype(at::kFloat));
-  Tensor idx = at::empty({B, W}, s.options().dtype(at::kLong));
-  Tensor q2 = at::empty({B, K}, s.options().dtype(at::kBool));
-  if (B == 0) return {loss, stats, idx, q2};
-  Tensor counts = at::empty({B, 2}, s.options().dtype(at::kLong));
-  Tensor given = teacher_topk.has_value() ? teacher_topk->contiguous() : Tensor();
-  Tensor rows = row_ids.to(at::kLong).contiguous();
+void Kernels::fused_fwd(const SelectArgs& a, const Tensor& like) {
+  const int64_t B = a.B, K = a.K, L = a.L, W = 2 * K + L;
+  const bool is_double = a.s.dtype == kF64;
+  const at::ScalarType acc = is_double ? at::kDouble : at::kFloat;
+  Tensor counts = at::empty({B, 2}, like.options().dtype(at::kLong));
+  Tensor parts = at::empty({B, 2}, like.options().dtype(acc));
   SelCtx c;
-  fill_ctx(c, s, std::optional<Tensor>(t), given, exclude, rows, K, M, L, T, mode, seed);
-  int64_t* ip = idx.data_ptr<int64_t>();
-  c.qs = ip;
-  c.sampled = ip + K;
-  c.qt = ip + K + L;
-  c.qs_stride = c.a_stride = c.qt_stride = W;
-  c.q2 = q2.data_ptr<bool>();
+  static_cast<SelectArgs&>(c) = a;
   c.counts = counts.data_ptr<int64_t>();
-  float* st = stats.data_ptr<float>();
+  const int64_t* ip = a.qs;  // idx: the rows [QS | A | QT] of stride W
   const Dense ds = c.s, dt = c.t;
-  Tensor parts = at::empty({B, 2}, s.options().dtype(acc));
-  dispatch_acc(acc, [&](auto tag) {
+  dispatch_acc(is_double, [&](auto tag) {
     using A = decltype(tag);
     A* pp = parts.data_ptr<A>();
-    const A tau_a = static_cast<A>(tau);
+    const A tau_a = static_cast<A>(a.tau);
     run_selection(c, [&](int64_t r, Scratch&) {
       thread_local std::vector<A> x, y;
       x.resize(W);
@@ -624,14 +544,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_fwd(
     });
   });
   // gamma = exp(-(beta * n) / K) in float32 with torch's own exp, as the reference
-  Tensor n = counts.select(1, c.paper ? 0 : 1).to(at::kFloat);
-  Tensor gamma = n.mul(beta).neg().div(K).exp().contiguous();
+  Tensor n = counts.select(1, a.paper ? 0 : 1).to(at::kFloat);
+  Tensor gamma = n.mul(a.beta).neg().div(K).exp().contiguous();
   const float* gp = gamma.data_ptr<float>();
   const int64_t* cp = c.counts;
-  dispatch_acc(acc, [&](auto tag) {
+  float* st = a.stats;
+  dispatch_acc(is_double, [&](auto tag) {
     using A = decltype(tag);
     const A* pp = parts.data_ptr<A>();
-    A* lp = loss.data_ptr<A>();
+    A* lp = static_cast<A*>(a.loss);
     for (int64_t r = 0; r < B; ++r) {
       const A g = static_cast<A>(gp[r]);
       lp[r] = (1 - g) * pp[2 * r] + g * pp[2 * r + 1];
@@ -643,101 +564,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_fwd(
       sr[4] = static_cast<float>(cp[2 * r + 1]);
     }
   });
-  return {loss, stats, idx, q2};
 }
 
-std::tuple<Tensor, Tensor> subset_ce_fwd(const Tensor& s_g, const Tensor& t_g, const Tensor& q2_mask,
-                                         const Tensor& gamma, int64_t K, int64_t L, double tau) {
-  check_gathered_args(s_g, t_g, q2_mask, gamma, K, L);
-  const int64_t B = s_g.size(0), W = s_g.size(1);
-  const at::ScalarType acc = acc_dtype(s_g);
-  Tensor loss = at::empty({B}, s_g.options().dtype(acc));
-  Tensor parts = at::empty({B, 2}, s_g.options().dtype(acc));
-  if (B == 0) return {loss, parts};
-  Tensor xs = s_g.to(acc).contiguous(), ys = t_g.to(acc).contiguous();
-  Tensor q2 = q2_mask.contiguous();
-  Tensor gm = small_as(gamma, acc);
-  dispatch_acc(acc, [&](auto tag) {
+void Kernels::subset_fwd(const SubsetArgs& a, const Tensor&) {
+  dispatch_acc(a.is_double, [&](auto tag) {
     using A = decltype(tag);
-    const A* xp = xs.data_ptr<A>();
-    const A* yp = ys.data_ptr<A>();
-    const bool* qp = q2.data_ptr<bool>();
-    const A* gp = gm.data_ptr<A>();
-    A* lp = loss.data_ptr<A>();
-    A* pp = parts.data_ptr<A>();
-    const A tau_a = static_cast<A>(tau);
-    at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) {
-      std::vector<A> x(W), y(W);
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t w = 0; w < W; ++w) {
-          x[w] = xp[r * W + w] / tau_a;
-          y[w] = yp[r * W + w] / tau_a;
-        }
-        const auto pr = row_losses<A>(x.data(), y.data(), qp + r * K, K, L);
-        const A g = gp[r];
-        lp[r] = (1 - g) * pr.first + g * pr.second;
-        pp[2 * r] = pr.first;
-        pp[2 * r + 1] = pr.second;
-      }
+    const bool* qp = a.q2;
+    const A* gp = static_cast<const A*>(a.gamma);
+    A* lp = static_cast<A*>(a.loss);
+    A* pp = static_cast<A*>(a.parts);
+    for_gathered_rows<A>(a, [&](int64_t r, const A* x, const A* y) {
+      const auto pr = row_losses<A>(x, y, qp + r * a.K, a.K, a.L);
+      const A g = gp[r];
+      lp[r] = (1 - g) * pr.first + g * pr.second;
+      pp[2 * r] = pr.first;
+      pp[2 * r + 1] = pr.second;
     });
   });
-  return {loss, parts};
 }
 
-Tensor subset_ce_bwd(const Tensor& grad_rows, const Tensor& s_g, const Tensor& t_g, const Tensor& q2_mask,
-                     const Tensor& gamma, int64_t K, int64_t L, double tau) {
-  check_gathered_args(s_g, t_g, q2_mask, gamma, K, L);
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == s_g.size(0), "grad_rows must have shape (B,)");
-  const int64_t B = s_g.size(0), W = s_g.size(1);
-  const at::ScalarType acc = acc_dtype(s_g);
-  Tensor out = at::empty({B, W}, s_g.options().dtype(acc));
-  if (B == 0) return out;
-  Tensor xs = s_g.to(acc).contiguous(), ys = t_g.to(acc).contiguous();
-  Tensor q2 = q2_mask.contiguous();
-  Tensor gm = small_as(gamma, acc), gr = small_as(grad_rows, acc);
-  dispatch_acc(acc, [&](auto tag) {
+void Kernels::subset_bwd(const SubsetArgs& a, const Tensor&) {
+  const int64_t W = 2 * a.K + a.L;
+  dispatch_acc(a.is_double, [&](auto tag) {
     using A = decltype(tag);
-    const A* xp = xs.data_ptr<A>();
-    const A* yp = ys.data_ptr<A>();
-    const bool* qp = q2.data_ptr<bool>();
-    const A* gp = gm.data_ptr<A>();
-    const A* wp = gr.data_ptr<A>();
-    A* op = out.data_ptr<A>();
-    const A tau_a = static_cast<A>(tau);
-    at::parallel_for(0, B, 16, [&](int64_t r0, int64_t r1) {
-      std::vector<A> x(W), y(W);
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t w = 0; w < W; ++w) {
-          x[w] = xp[r * W + w] / tau_a;
-          y[w] = yp[r * W + w] / tau_a;
-        }
-        row_grads<A>(x.data(), y.data(), qp + r * K, K, L, gp[r], wp[r] / tau_a, op + r * W);
-      }
+    const bool* qp = a.q2;
+    const A* gp = static_cast<const A*>(a.gamma);
+    const A* wp = static_cast<const A*>(a.grad_rows);
+    A* op = static_cast<A*>(a.grad);
+    const A tau = static_cast<A>(a.tau);
+    for_gathered_rows<A>(a, [&](int64_t r, const A* x, const A* y) {
+      row_grads<A>(x, y, qp + r * a.K, a.K, a.L, gp[r], wp[r] / tau, op + r * W);
     });
   });
-  return out;
 }
 
-Tensor fused_bwd(const Tensor& grad_rows, const Tensor& s, const Tensor& t, const Tensor& idx, const Tensor& q2_mask,
-                 const Tensor& gamma, int64_t K, int64_t L, double tau) {
-  check_fused_bwd_args(grad_rows, s, t, idx, q2_mask, gamma, K, L);
-  const int64_t B = s.size(0), N = s.size(1), W = 2 * K + L;
-  Tensor out = at::empty({B, N}, s.options());  // the gradient: the only (B, N) tensor
-  if (B == 0) return out;
-  const at::ScalarType acc = acc_dtype(s);
-  Tensor ix = idx.contiguous(), q2 = q2_mask.contiguous();
-  Tensor gm = small_as(gamma, acc), gr = small_as(grad_rows, acc);
-  const Dense ds = dense_of(s), dt = dense_of(t);
-  dispatch_acc(acc, [&](auto atag) {
+void Kernels::fused_bwd(const FusedBwdArgs& a, const Tensor&) {
+  const int64_t B = a.B, N = a.N, K = a.K, L = a.L, W = 2 * K + L;
+  const bool is_double = a.s.dtype == kF64;
+  const Dense ds = a.s, dt = a.t;
+  dispatch_acc(is_double, [&](auto atag) {
     using A = decltype(atag);
-    const int64_t* ip = ix.data_ptr<int64_t>();
-    const bool* qp = q2.data_ptr<bool>();
-    const A* gp = gm.data_ptr<A>();
-    const A* wp = gr.data_ptr<A>();
-    const A tau_a = static_cast<A>(tau);
-    dispatch_float(s.scalar_type(), [&](auto otag) {
+    const int64_t* ip = a.idx;
+    const bool* qp = a.q2;
+    const A* gp = static_cast<const A*>(a.gamma);
+    const A* wp = static_cast<const A*>(a.grad_rows);
+    const A tau_a = static_cast<A>(a.tau);
+    dispatch_float(a.s.dtype, [&](auto otag) {
       using O = decltype(otag);
-      O* op = out.data_ptr<O>();
+      O* op = static_cast<O*>(a.out);
       at::parallel_for(0, B, 1, [&](int64_t r0, int64_t r1) {
         std::vector<A> x(W), y(W), d(W);
         std::vector<u64> order;
@@ -769,7 +643,6 @@ Tensor fused_bwd(const Tensor& grad_rows, const Tensor& s, const Tensor& t, cons
       });
     });
   });
-  return out;
 }
 
 }  // namespace cpu

@@ -1,36 +1,31 @@
 // CPU kernels of the RCE-KD ops (see rcekd_kernels/backends/reference.py for the
-// definition of each op; every output here equals the reference's).
+// definition of each op; every output here equals the reference's). The ops rcekd_C::*
+// reach them through the binding helper (../binding.h), which checks the arguments,
+// allocates the outputs and fills the argument structs (../args.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
 
-#include <optional>
-#include <string_view>
 #include <tuple>
+
+#include "../args.h"
 
 namespace rcekd {
 namespace cpu {
 
 using at::Tensor;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> select(
-    const Tensor& s, const std::optional<Tensor>& t, const std::optional<Tensor>& teacher_topk,
-    const std::optional<Tensor>& exclude, const Tensor& row_ids, int64_t K, int64_t M, int64_t L,
-    double T, std::string_view mode, int64_t seed);
-
-std::tuple<Tensor, Tensor> subset_ce_fwd(const Tensor& s_g, const Tensor& t_g, const Tensor& q2_mask,
-                                         const Tensor& gamma, int64_t K, int64_t L, double tau);
-
-Tensor subset_ce_bwd(const Tensor& grad_rows, const Tensor& s_g, const Tensor& t_g, const Tensor& q2_mask,
-                     const Tensor& gamma, int64_t K, int64_t L, double tau);
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> fused_fwd(
-    const Tensor& s, const Tensor& t, const std::optional<Tensor>& teacher_topk,
-    const std::optional<Tensor>& exclude, const Tensor& row_ids, int64_t K, int64_t M, int64_t L,
-    double tau, double T, double beta, std::string_view mode, int64_t seed);
-
-Tensor fused_bwd(const Tensor& grad_rows, const Tensor& s, const Tensor& t, const Tensor& idx,
-                 const Tensor& q2_mask, const Tensor& gamma, int64_t K, int64_t L, double tau);
+// The Impl of register_ops<Impl> (../binding.h) for the CPU dispatch key.
+struct Kernels {
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+  static constexpr bool kZeroFilledGrad = false;  // fused_bwd zeroes each row itself
+  static void select(const SelectArgs& a, const Tensor& like);
+  static void fused_fwd(const SelectArgs& a, const Tensor& like);
+  static void subset_fwd(const SubsetArgs& a, const Tensor& like);
+  static void subset_bwd(const SubsetArgs& a, const Tensor& like);
+  static void fused_bwd(const FusedBwdArgs& a, const Tensor& like);
+};
 
 // out[b, w] = <user_vecs[b], item_vecs[idx[b, w]]> (gathered_cpu.cpp) and its gradient
 Tensor gathered_dot(const Tensor& user_vecs, const Tensor& item_vecs, const Tensor& idx);

@@ -23,6 +23,7 @@
 // Offsets into the (B, N) inputs are 64-bit.
 #include "rcekd_cuda.h"
 #include "../rng.h"
+#include "../spec.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -46,7 +47,7 @@ constexpr int kThreads = 256;                            // threads of every blo
 constexpr size_t kSmemCap = 40 * 1024;                   // dynamic shared memory used per block, at most
 constexpr size_t kWorkspaceBudget = size_t(512) << 20;   // workspace of one chunk of rows, at most
 constexpr int64_t kMinSlice = 2048;                      // items per block of a split row, at least
-constexpr int kOfficialCap = 50;
+constexpr int kOfficialCap = spec::kOfficialCap;  // ../spec.h
 
 // ------------------------------------------------------------------ RNG (spec 4): csrc/rng.h
 using rng::lowbias32;

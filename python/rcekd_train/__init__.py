@@ -1,2 +1,2 @@
 """rcekd_train: training drivers for RCE-KD (MF, LightGCN, HSTU)."""
-__version__ = "0.1.0"
+from rcekd_kernels._version import __version__  # noqa: F401  (one version for the distribution)

@@ -222,6 +222,7 @@ def cmd_distill(a):
 
 def cmd_evaluate(a):
     import torch
+
     from .config import load_yaml
     from .evaluate import evaluate_model
     from .models import build_model

@@ -373,7 +373,7 @@ def _table_markdown(report: Dict, have_paper: bool) -> str:
     hdr = ["variant"] + [METRIC_LABEL[m] for m in PAPER_METRICS] + ["p (R@20)", "p (N@20)", "n"]
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "---|" * len(hdr))
-    for name, r in report["ablation"].items():
+    for r in report["ablation"].values():
         line = [r["label"]]
         for m in PAPER_METRICS:
             c = r["metrics"][m]

@@ -8,19 +8,19 @@ built by ``setup.py`` or ``CMakeLists.txt``). Importing this module never fails:
 * the file exists but cannot be loaded (built against another torch, a missing
   library, ...): ONE warning says why, and both backends report it.
 
-:data:`cpp` and :data:`cuda` are namespaces with ``NAME``, ``available(device_type)``
-and the five ops of :mod:`rcekd_kernels.backends.reference`, same signatures.
+:data:`cpp` and :data:`cuda` are backends (:mod:`rcekd_kernels.backends.base`): ``NAME``,
+``available(device_type)``, ``supports(call)`` and the loss ops of
+:mod:`rcekd_kernels.backends.reference`, same signatures (``cpp`` also ``gathered_dot``).
 :func:`build_info` says what was built.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import importlib.util
 import json
-import types
+import os
 import warnings
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -87,7 +87,7 @@ def build_info() -> dict:
     if _info is None:
         return {"loaded": False, "error": _load_error, "cpu": False, "cuda": False,
                 "torch_runtime": torch.__version__}
-    out = {"loaded": True}
+    out: Dict[str, Any] = {"loaded": True}
     out.update(_info)
     spec = importlib.util.find_spec(EXTENSION)
     out["path"] = spec.origin if spec is not None else None
@@ -95,40 +95,85 @@ def build_info() -> dict:
     return out
 
 
-def _make(name: str, device_type: str, describe: str) -> types.SimpleNamespace:
-    def available(dev: str) -> Optional[str]:
+#: score dtypes the compiled loss kernels read (arithmetic in float32, float64 for float64)
+LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: dtypes of the vectors of the CPU gathered_dot kernel
+GATHERED_DTYPES = (torch.float32, torch.float64)
+#: largest catalogue the compiled kernels index (item ids fit a 32-bit field of their keys)
+MAX_N = (1 << 31) - 1
+
+
+class _Native:
+    """The compiled backend of one device type: wrappers of ``torch.ops.rcekd_C.*``."""
+
+    def __init__(self, name: str, device_type: str, description: str):
+        self.NAME = name
+        self.DESCRIPTION = description
+        self.device_type = device_type
+        if device_type == "cpu":  # the scores of given items from vectors: a CPU kernel only
+            self.gathered_dot = self._gathered_dot
+            self.gathered_dot_bwd = self._gathered_dot_bwd
+
+    def available(self, dev: str) -> Optional[str]:
         if _ops is None:
             return _load_error
-        if dev != device_type:
-            return f"the {name!r} backend runs on {device_type} tensors only, not {dev}"
-        if device_type == "cuda":
-            if not _info.get("cuda", False):
+        if dev != self.device_type:
+            return f"the {self.NAME!r} backend runs on {self.device_type} tensors only, not {dev}"
+        if self.device_type == "cuda":
+            if not (_info or {}).get("cuda", False):
                 return "the compiled extension was built without CUDA (no nvcc or a CPU-only torch at build time)"
             if not torch.cuda.is_available():
                 return "no CUDA device is available"
         return None
 
-    def select(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed):
-        return tuple(_ops.select(s, t, teacher_topk, exclude, row_ids, K, M, L, float(T), mode, int(seed) & 0xFFFFFFFF))
+    def supports(self, call) -> Optional[str]:
+        if call.op.startswith("gathered_dot"):
+            if not hasattr(_ops, "gathered_dot"):
+                return "the compiled extension has no gathered_dot (rebuild it)"
+            if any(d not in GATHERED_DTYPES for d in call.dtypes) or len(set(call.dtypes)) > 1:
+                return f"its gathered_dot reads float32 or float64 vectors of one dtype, got {list(call.dtypes)}"
+            return None
+        bad = [d for d in call.dtypes if d not in LOSS_DTYPES]
+        if bad:
+            return f"it reads float16, bfloat16, float32 and float64 scores, got {bad[0]}"
+        if call.N > MAX_N:
+            return f"it indexes at most {MAX_N} items per row, got N = {call.N}"
+        return None
 
-    def subset_ce_fwd(s_g, t_g, q2_mask, gamma, K, L, tau):
-        return tuple(_ops.subset_ce_fwd(s_g, t_g, q2_mask, gamma, K, L, float(tau)))
+    # the five loss ops: tensors + the flattened configuration (ops.HPARAMS order) + the seed
+    def select(self, s, t, teacher_topk, exclude, row_ids, cfg, seed):
+        return tuple(_lib().select(s, t, teacher_topk, exclude, row_ids, *_flatten(cfg), int(seed) & 0xFFFFFFFF))
 
-    def subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau):
-        return _ops.subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, K, L, float(tau))
+    def subset_ce_fwd(self, s_g, t_g, q2_mask, gamma, cfg):
+        return tuple(_lib().subset_ce_fwd(s_g, t_g, q2_mask, gamma, *_flatten(cfg), 0))
 
-    def fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed):
-        return tuple(_ops.fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L, float(tau), float(T),
-                                    float(beta), mode, int(seed) & 0xFFFFFFFF))
+    def subset_ce_bwd(self, grad_rows, s_g, t_g, q2_mask, gamma, cfg):
+        return _lib().subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, *_flatten(cfg), 0)
 
-    def fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, K, L, tau):
-        return _ops.fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, K, L, float(tau))
+    def fused_fwd(self, s, t, teacher_topk, exclude, row_ids, cfg, seed):
+        return tuple(_lib().fused_fwd(s, t, teacher_topk, exclude, row_ids, *_flatten(cfg), int(seed) & 0xFFFFFFFF))
 
-    ns = types.SimpleNamespace(NAME=name, DESCRIPTION=describe, available=available, select=select,
-                               subset_ce_fwd=subset_ce_fwd, subset_ce_bwd=subset_ce_bwd,
-                               fused_fwd=fused_fwd, fused_bwd=fused_bwd)
-    return ns
+    def fused_bwd(self, grad_rows, s, t, idx, q2_mask, gamma, cfg):
+        return _lib().fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, *_flatten(cfg), 0)
+
+    def _gathered_dot(self, u, v, idx):
+        return _lib().gathered_dot(u, v, idx)
+
+    def _gathered_dot_bwd(self, g, u, v, idx):
+        return tuple(_lib().gathered_dot_bwd(g, u, v, idx))
 
 
-cpp = _make("cpp", "cpu", "compiled C++ extension, CPU")
-cuda = _make("cuda", "cuda", "compiled CUDA extension")
+def _lib() -> Any:
+    """``torch.ops.rcekd_C`` (a backend method runs only once available() said it is loaded)."""
+    if _ops is None:
+        raise RuntimeError(f"the compiled extension is not loaded: {_load_error}")
+    return _ops
+
+
+def _flatten(cfg):
+    from ..ops import flatten  # the one table of the schemas (ops imports the registry, not this module)
+    return flatten(cfg)
+
+
+cpp = _Native("cpp", "cpu", "compiled C++ extension, CPU")
+cuda = _Native("cuda", "cuda", "compiled CUDA extension")

@@ -7,7 +7,8 @@ from typing import Optional
 from .base import DataFormatError, InteractionData, Split, split_in_order
 from .citeulike import load_citeulike, read_users_dat, write_split
 from .lightgcn_format import load_lightgcn_format, read_user_lines
-from .synthetic import DEFAULTS as SYNTHETIC_DEFAULTS, make_synthetic
+from .synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
+from .synthetic import make_synthetic
 
 ENV_VAR = "RCEKD_DATA"
 DATASETS = ("synthetic", "citeulike", "gowalla", "yelp2018")

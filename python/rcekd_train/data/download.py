@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 _LGCN_PT = "https://raw.githubusercontent.com/gusye1234/LightGCN-PyTorch/947ca2b3b1d2d3545b114145710cb06c4e57b3d2/data"
 _LGCN_TF = "https://raw.githubusercontent.com/kuandeng/LightGCN/b067ec05f16a24e0e1efe63cd82385f0c469af20/Data"

@@ -9,8 +9,8 @@ from .teacher import FrozenTeacher, load_topk, ranked_topk, save_topk, topk_from
 
 METHODS = {"none": NoKD, "rcekd": RCEKD, "ce": VanillaCE, "cd": CD, "rrd": RRD, "dcd": DCD, "hetcomp": HetComp}
 
-__all__ = ["METHODS", "build_kd", "KDMethod", "FrozenTeacher", "RCEKD", "VanillaCE", "CD", "RRD", "DCD", "HetComp", "NoKD",
-           "ce_rows", "cd_rows", "listwise_rows", "topk_from_vectors", "ranked_topk", "save_topk", "load_topk",
+__all__ = ["METHODS", "build_kd", "KDMethod", "FrozenTeacher", "RCEKD", "VanillaCE", "CD", "RRD", "DCD", "HetComp",
+           "NoKD", "ce_rows", "cd_rows", "listwise_rows", "topk_from_vectors", "ranked_topk", "save_topk", "load_topk",
            "gumbel_topk", "mix_seed"]
 
 

@@ -114,9 +114,8 @@ class RCEKD(KDMethod):
             parts.append(select(dot_all(uv[users], iv), teacher_topk=self.teacher.topk(users, self.hp["K"]),
                                 seed=seed, row_ids=users, exclude=exclude, validate=validate, **self._common()))
         self.selection = sel = Selection.cat(parts)
-        # what a step reads, prepared once: the 2K + L ids of every user, and the diagnostics of the
-        # epoch's sets (means over all users; constant through the epoch, so not recomputed per step)
-        self.sel_idx = sel.indices
+        # the diagnostics of the epoch's sets, prepared once (means over all users; constant through
+        # the epoch, so not recomputed per step)
         self.epoch_diag = {"gamma": sel.gamma.float().mean(), "q1_frac": sel.n_q1.float().mean() / self.hp["K"]}
         # the teacher is frozen and the sets are fixed for the epoch: its scores at the 2K + L items of
         # every user are computed once here instead of in every batch
@@ -153,11 +152,8 @@ class RCEKD(KDMethod):
     def rows(self, users, user_vecs, item_vecs, step, weights):
         h = self.hp
         if h["refresh"] == "epoch":
-            K, L, full = h["K"], h["L"], self.selection
-            idx = self.sel_idx[users]
-            sel = Selection(idx[:, :K], idx[:, K:K + L], idx[:, K + L:], full.q2_mask[users], full.gamma[users],
-                            full.n_q1[users], full.n_qt_sampled[users])
-            s_g = dot_items(user_vecs, item_vecs, idx)
+            sel = self.selection[users]
+            s_g = dot_items(user_vecs, item_vecs, sel.indices)
             t_g = self.teacher_at_sel[users]
             if h["variant"] == "full":
                 rows, diag = rce_kd_loss_gathered(s_g, t_g, sel, tau=float(h["tau"]), reduction="none",

@@ -15,6 +15,8 @@ from typing import Optional
 
 import torch
 
+from rcekd_kernels.spec import ranked_topk  # the spec's ranking order (ties to the smaller id)
+
 Tensor = torch.Tensor
 
 
@@ -31,19 +33,6 @@ def topk_from_vectors(user_vecs: Tensor, item_vecs: Tensor, K: int, data=None, c
             scores = scores.masked_fill(data.train_mask_rows(users), float("-inf"))
         out.append(ranked_topk(scores, K))
     return torch.cat(out).to(torch.int32)
-
-
-def ranked_topk(scores: Tensor, K: int) -> Tensor:
-    """The first K items of each row by decreasing score; equal scores are ordered by item id
-    (items strictly above the K-th score are all taken, the tied ones by id, then a stable sort)."""
-    thr = torch.topk(scores, K, dim=1, sorted=True).values[:, -1:]
-    above = scores > thr
-    at = scores == thr
-    need = K - above.sum(1, keepdim=True)
-    take = above | (at & (torch.cumsum(at.int(), 1) <= need))
-    idx = take.nonzero()[:, 1].view(scores.shape[0], K)
-    order = torch.sort(scores.gather(1, idx), dim=1, descending=True, stable=True).indices
-    return idx.gather(1, order)
 
 
 TRAJECTORY_DIR = "trajectory"

@@ -8,8 +8,10 @@
 
 Runs on CUDA tensors, and on CPU tensors in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported). Scores are read as
-float32 / bfloat16 / float16 with float32 arithmetic; float64 inputs (gradcheck)
-go to the reference backend. K, M, L <= 1024 (``_common.MAX_KM``).
+float32 / bfloat16 / float16 with float32 arithmetic; K, M, L <= 1024
+(:data:`MAX_KM`). :func:`supports` says so for every call, so ``auto`` passes
+float64 (gradcheck) or larger sets to the next backend and an explicit
+``backend="triton"`` raises with the reason.
 """
 from __future__ import annotations
 
@@ -17,6 +19,31 @@ import os
 from typing import Optional
 
 NAME = "triton"
+DESCRIPTION = "fused Triton kernels, CUDA (CPU in the interpreter)"
+
+#: score dtypes the kernels read (float32 arithmetic)
+DTYPES = ("float32", "bfloat16", "float16")
+#: largest K, M and L: one program holds a row's pool
+MAX_KM = 1024
+#: largest catalogue: item ids fit the low 32 bits of the kernels' composite keys
+MAX_N = (1 << 32) - 2
+
+
+def supports(call) -> Optional[str]:
+    """None when the kernels run this call; else the reason (dtype, sizes)."""
+    bad = [d for d in call.dtypes if str(d).replace("torch.", "") not in DTYPES]
+    if bad:
+        return f"its kernels read float32, bfloat16 and float16 scores, got {bad[0]}"
+    cfg = call.config
+    if cfg is not None:
+        for name in ("K", "M", "L"):
+            v = getattr(cfg, name)
+            if v > MAX_KM:
+                return f"it supports K, M and L up to {MAX_KM} (one program holds a row's pool), got {name} = {v}"
+    if call.N > MAX_N:
+        return f"it supports at most {MAX_N} items per row, got N = {call.N}"
+    return None
+
 
 try:
     import triton  # noqa: F401
@@ -35,7 +62,8 @@ except ImportError as e:  # triton not installed: the registry reports why
 
     select = subset_ce_fwd = subset_ce_bwd = fused_fwd = fused_bwd = _missing
 
-__all__ = ["NAME", "available", "select", "subset_ce_fwd", "subset_ce_bwd", "fused_fwd", "fused_bwd"]
+__all__ = ["NAME", "DESCRIPTION", "available", "supports", "select", "subset_ce_fwd", "subset_ce_bwd",
+           "fused_fwd", "fused_bwd"]
 
 
 def available(device_type: str) -> Optional[str]:

@@ -15,7 +15,7 @@ Jit helpers (used by the kernels of ``selection.py``, ``subset_ce.py`` and ``fus
 ``key_item``    the item id stored in a composite key
 
 Launcher utilities: the row-split chunk size knob (:data:`CHUNK`, env
-``RCEKD_TRITON_CHUNK``), the threshold search (:func:`select_algo`, env ``RCEKD_TRITON_SELECT``), the limit on K, M, L (:data:`MAX_KM`), block sizes, and
+``RCEKD_TRITON_CHUNK``), the threshold search (:func:`select_algo`, env ``RCEKD_TRITON_SELECT``), block sizes, and
 :func:`rng_values` (the kernels' hash and Gumbel numbers, for tests).
 """
 from __future__ import annotations
@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import spec
+
 # ----------------------------------------------------------------------------- knobs
 #: Items of one row handled by one program of the selection's first phase. A row
 #: longer than this is split over several programs whose top-R candidates are then
@@ -34,12 +36,15 @@ import triton.language as tl
 CHUNK = int(os.environ.get("RCEKD_TRITON_CHUNK", "4096"))
 
 #: Largest K and M (and so L) the kernels accept: the pool lives in one program.
-MAX_KM = 1024
+from . import MAX_KM  # noqa: E402,F401  (defined where supports() reads it)
 
 #: Smallest block (lanes) of the per-row kernels: fewer variants to compile.
 MIN_BLOCK = 16
 
 MASK32 = 0xFFFFFFFF
+
+#: the cap of the official counts, for the kernels (rcekd_kernels.spec.OFFICIAL_CAP)
+OFFICIAL_CAP = tl.constexpr(spec.OFFICIAL_CAP)
 
 
 def interpreting() -> bool:
@@ -74,20 +79,6 @@ def block(n: int) -> int:
     return max(MIN_BLOCK, triton.next_power_of_2(int(n)))
 
 
-def check_limits(K: int, M: int, N: int = 0, L: int = 0) -> None:
-    """ValueError when the sizes exceed what the kernels handle."""
-    for name, v in (("K", K), ("M", M), ("L", L)):
-        if v > MAX_KM:
-            raise ValueError(f"the triton backend supports K, M and L up to {MAX_KM} (one program "
-                             f"holds a row's pool), got {name} = {v}; use backend='reference' "
-                             f"for larger sets")
-    if N >= MASK32:
-        raise ValueError(f"the triton backend supports N < 2**32 - 1 items per row, got N = {N}")
-
-
-#: Score dtypes the kernels read (arithmetic in float32); others go to the reference.
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 # Low bits of the float32 image that are constant for a dtype (bfloat16: 16 mantissa
 # bits, float16: 13), so the bisection of the threshold can skip them.
 _LOW_BITS = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
@@ -97,12 +88,7 @@ def low_bits(dtype: torch.dtype) -> int:
     return _LOW_BITS[dtype]
 
 
-def kernel_dtypes_ok(*tensors) -> bool:
-    """True when every given score tensor (None ignored) has a dtype the kernels read."""
-    return all(x is None or x.dtype in DTYPES for x in tensors)
-
-
-_DUMMY = {}
+_DUMMY: dict = {}
 
 
 def dummy_u8(device) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The fused dense loss: ``fused_fwd`` (select + gather + subset CE from (B, N) rows)
 and ``fused_bwd`` (the dense (B, N) gradient).
 
-fused_fwd runs the selection of :mod:`.selection` with the loss computed in its
-per-row program (no B x N temporary).
+fused_fwd runs phase 1 of :mod:`.selection`, then ``_fused_rows_kernel``: per row,
+the sets (``selection.row_sets``), then s and t gathered at [QS | A | QT] and the
+loss, in the same program (no B x N temporary).
 
 fused_bwd zero-fills the (B, N) output in s.dtype and scatters, one program per
 row, the pre-combined gradient at the 2K + L gathered ids: an item in both QS and
@@ -17,19 +18,58 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import _common as C
 from . import selection as _select
 from .subset_ce import ce_one, ce_two, soft_diff
 
 
-def fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed):
+@triton.jit(do_not_specialize=["s_s0", "s_s1", "t_s0", "t_s1", "ex_s0", "ex_s1", "tq_s0", "tq_s1", "W", "K", "M",
+                              "L", "has_ex", "qt_given", "paper"])
+def _fused_rows_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1,
+                       k2_ptr, scr_ptr, mark_ptr, idx_ptr, W, q2_ptr, loss_ptr, stats_ptr, K, M, L, T_hi, T_lo, tau,
+                       beta, K_f, has_ex, qt_given, paper, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       LOG_M: tl.constexpr):
+    row64 = tl.program_id(0).to(tl.int64)
+    p_item, qt, sq, a_item, q2, n_q1, n_qa = _select.row_sets(
+        row64, s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1, k2_ptr, scr_ptr, mark_ptr,
+        K, M, L, T_hi, T_lo, has_ex, qt_given, paper, BLOCK_K, BLOCK_M, LOG_M)
+    _select.store_sets(row64, idx_ptr, W, q2_ptr, p_item, qt, a_item, q2, K, L, BLOCK_K, BLOCK_M)
+    lm = tl.arange(0, BLOCK_M)
+    kv = tl.arange(0, BLOCK_K) < K
+    s_row = s_ptr + row64 * s_s0
+    t_row = t_ptr + row64 * t_s0
+    qs_m = lm < K
+    a_m = lm < L
+    a_g = tl.where(a_m, a_item, 0)
+    xs = tl.load(s_row + p_item * s_s1, mask=qs_m, other=0.0).to(tl.float32) / tau
+    ys = tl.load(t_row + p_item * t_s1, mask=qs_m, other=0.0).to(tl.float32) / tau
+    xa = tl.load(s_row + a_g * s_s1, mask=a_m, other=0.0).to(tl.float32) / tau
+    ya = tl.load(t_row + a_g * t_s1, mask=a_m, other=0.0).to(tl.float32) / tau
+    xq = sq / tau
+    yq = tl.load(t_row + qt * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
+    l1, _mx1, _sx1, _my1, _sy1 = ce_one(xs, ys, qs_m)
+    l2, _mx2, _sx2, _my2, _sy2 = ce_two(xa, ya, a_m, xq, yq, q2)
+    n = tl.where(paper != 0, n_q1, n_qa)
+    gamma = tl.exp(tl.math.div_rn(-(beta * n.to(tl.float32)), K_f))
+    tl.store(loss_ptr + row64, (1.0 - gamma) * l1 + gamma * l2)
+    st = stats_ptr + row64 * 5
+    tl.store(st, l1)
+    tl.store(st + 1, l2)
+    tl.store(st + 2, gamma)
+    tl.store(st + 3, n_q1.to(tl.float32))
+    tl.store(st + 4, n_qa.to(tl.float32))
+
+
+def fused_fwd(s, t, teacher_topk, exclude, row_ids, cfg, seed):
     """Loss rows, stats (B, 5) = (L1, L2, gamma, |Q1|, |QT & A|), idx = [QS | A | QT]
     (B, 2K + L) and q2_mask (B, K)."""
-    if not C.kernel_dtypes_ok(s, t):
-        return reference.fused_fwd(s, t, teacher_topk, exclude, row_ids, K, M, L, tau, T, beta, mode, seed)
-    return _select.run(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed,
-                       fused=(float(tau), float(beta)))
+    kw, idx, q2 = _select.prepare(s, t, teacher_topk, exclude, row_ids, cfg, seed)
+    B = s.shape[0]
+    loss = torch.empty((B,), dtype=torch.float32, device=s.device)
+    stats = torch.empty((B, 5), dtype=torch.float32, device=s.device)
+    _fused_rows_kernel[(B,)](t_ptr=t, t_s0=t.stride(0), t_s1=t.stride(1), loss_ptr=loss, stats_ptr=stats,
+                             tau=float(cfg.tau), beta=float(cfg.beta), K_f=float(cfg.K), **kw)
+    return loss, stats, idx, q2
 
 
 @triton.jit
@@ -85,17 +125,16 @@ def _fused_bwd_kernel(gr_ptr, gr_s0, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, idx_p
     tl.store(o_row + qt, d_qt, mask=mq)
 
 
-def fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, K, L, tau):
+def fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, cfg):
     """Dense gradient (B, N) in the dtype of s: zero except at the gathered ids."""
-    if not C.kernel_dtypes_ok(s, t):
-        return reference.fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, K, L, tau)
-    C.check_limits(K, K, 0, L)
+    K, L, tau = cfg.K, cfg.L, cfg.tau
     B, N = s.shape
     out = torch.zeros((B, N), dtype=s.dtype, device=s.device)
     q2 = C.as_u8(q2_mask)
     BK, BL = C.block(K), C.block(L)
     _fused_bwd_kernel[(B,)](
-        grad_rows, grad_rows.stride(0), s, s.stride(0), s.stride(1), t, t.stride(0), t.stride(1),
-        idx, idx.stride(0), idx.stride(1), q2, q2.stride(0), q2.stride(1), gamma, gamma.stride(0),
-        out, N, K, L, float(tau), BLOCK_K=BK, BLOCK_L=BL, TILE=32, num_warps=C.warps_for(2 * (BK + BL)))
+        gr_ptr=grad_rows, gr_s0=grad_rows.stride(0), s_ptr=s, s_s0=s.stride(0), s_s1=s.stride(1), t_ptr=t,
+        t_s0=t.stride(0), t_s1=t.stride(1), idx_ptr=idx, i_s0=idx.stride(0), i_s1=idx.stride(1), q2_ptr=q2,
+        q2_s0=q2.stride(0), q2_s1=q2.stride(1), gam_ptr=gamma, gam_s0=gamma.stride(0), out_ptr=out, N=N, K=K, L=L,
+        tau=float(tau), BLOCK_K=BK, BLOCK_L=BL, TILE=32, num_warps=C.warps_for(2 * (BK + BL)))
     return out

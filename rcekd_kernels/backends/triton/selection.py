@@ -15,14 +15,17 @@ Two phases, no sort of a row and no temporary of size B x N:
    top-Rs, and the buffer stays in item order, so the same kernel (KEYS mode) is
    run again on the buffer until one chunk remains: (B, R) keys per row.
    Done for the student (R = M) and, when QT is not given, the teacher (R = K).
-2. per row (``_rows_kernel``, grid B): sort the M pool keys (tl.sort, M <= 1024)
-   -> student order; QT (sorted teacher keys or the given ids); the pool position
-   of each QT item by binary search of its student key in the sorted pool keys;
-   the integer counts by a suffix cumsum of marks at those positions; the Gumbel
-   keys c / T + g(seed, row, item); the top-L sample by a sort of the composite
-   (key image, item) values; membership of QT in A; q2_mask and the counts.
-   With FUSED, the same program gathers s and t at [QS | A | QT] and computes
-   the loss (see subset_ce.ce_one / ce_two).
+2. per row (:func:`row_sets`, a jit function run by ``_select_rows_kernel`` here
+   and by ``fused._fused_rows_kernel``; grid B): sort the M pool keys (tl.sort,
+   M <= 1024) -> student order; QT (sorted teacher keys or the given ids); the
+   pool position of each QT item by binary search of its student key in the
+   sorted pool keys; the integer counts by a suffix cumsum of marks at those
+   positions; the Gumbel keys c / T + g(seed, row, item); the top-L sample by a
+   sort of the composite (key image, item) values; membership of QT in A;
+   q2_mask and the counts. The fused kernel then gathers s and t at
+   [QS | A | QT] and computes the loss in the same program.
+
+Kernels are launched by keyword (:func:`prepare` builds the shared arguments).
 
 Per-row scratch in global memory: (B, BLOCK_M) int64 + (B, BLOCK_M) int32.
 """
@@ -33,10 +36,8 @@ import triton
 import triton.language as tl
 
 from ... import rng
-from .. import reference
 from . import _common as C
-from ._common import composite, gumbel, key_hi, key_item, ord_key, sampling_key, take_top
-from .subset_ce import ce_one, ce_two
+from ._common import OFFICIAL_CAP, composite, gumbel, key_hi, key_item, ord_key, sampling_key, take_top
 
 
 # ----------------------------------------------------------------------------- phase 1
@@ -79,32 +80,31 @@ def top_keys(x: torch.Tensor, exclude, R: int) -> torch.Tensor:
     warps = C.warps_for(CH)
     radix = C.select_algo() == "radix"
     _chunk_top_kernel[(B * n_chunks,)](
-        x, x.stride(0), x.stride(1), ex, ex.stride(0), ex.stride(1), out, N, n_chunks, R,
-        KEYS=False, HAS_EX=exclude is not None, LOW=low, CH=CH,
+        src_ptr=x, src_s0=x.stride(0), src_s1=x.stride(1), ex_ptr=ex, ex_s0=ex.stride(0), ex_s1=ex.stride(1),
+        out_ptr=out, n_in=N, n_chunks=n_chunks, R=R, KEYS=False, HAS_EX=exclude is not None, LOW=low, CH=CH,
         RADIX=radix, num_warps=warps)
     while n_chunks > 1:  # merge: the top-R of the union of the chunks' top-Rs
         src, n_in = out, n_chunks * R
         n_chunks = triton.cdiv(n_in, CH)
         out = torch.empty((B, n_chunks * R), dtype=torch.int64, device=x.device)
+        # (no mask in KEYS mode: ex_ptr is the unread dummy)
         _chunk_top_kernel[(B * n_chunks,)](
-            src, n_in, 1, src, 0, 0, out, n_in, n_chunks, R,
-            KEYS=True, HAS_EX=False, LOW=low, CH=CH, RADIX=radix,
+            src_ptr=src, src_s0=n_in, src_s1=1, ex_ptr=C.dummy_u8(x.device), ex_s0=0, ex_s1=0, out_ptr=out,
+            n_in=n_in, n_chunks=n_chunks, R=R, KEYS=True, HAS_EX=False, LOW=low, CH=CH, RADIX=radix,
             num_warps=warps)
     return out
 
 
 # ----------------------------------------------------------------------------- phase 2
-@triton.jit(do_not_specialize=["s_s0", "s_s1", "t_s0", "t_s1", "ex_s0", "ex_s1", "tq_s0", "tq_s1", "qs_s0",
-                              "a_s0", "qt_s0", "K", "M", "L", "has_ex", "qt_given", "paper"],
-            do_not_specialize_on_alignment=["a_ptr", "qt_ptr"])
-def _rows_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, ex_ptr, ex_s0, ex_s1,
-                 pool_ptr, tq_ptr, tq_s0, tq_s1, k2_ptr, scr_ptr, mark_ptr,
-                 qs_ptr, qs_s0, a_ptr, a_s0, qt_ptr, qt_s0, q2_ptr, counts_ptr, loss_ptr, stats_ptr,
-                 K, M, L, T_hi, T_lo, tau, beta, K_f, has_ex, qt_given, paper, FUSED: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 LOG_M: tl.constexpr):
-    row = tl.program_id(0)
-    row64 = row.to(tl.int64)
+@triton.jit
+def row_sets(row64, s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1, k2_ptr,
+             scr_ptr, mark_ptr, K, M, L, T_hi, T_lo, has_ex, qt_given, paper,
+             BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, LOG_M: tl.constexpr):
+    """The sets of one row from its pool keys (phase 1) and QT (keys or given ids).
+
+    Returns (p_item: the pool in student order (BLOCK_M lanes), qt (BLOCK_K), sq: the
+    student scores of QT, a_item: the pool by decreasing sampling key (the first L are A),
+    q2: QT items in Q2 and not sampled, n_q1 = |Q1|, n_qa = |QT & A|)."""
     lm = tl.arange(0, BLOCK_M)
     lk = tl.arange(0, BLOCK_K)
     mv = lm < M
@@ -154,10 +154,10 @@ def _rows_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, ex_ptr, ex_s0, ex_s1,
     mk = tl.load(mark + lm)
     suffix = tl.cumsum(mk, 0, reverse=True)
     n_out = tl.sum((kv & (pos >= M)).to(tl.int32), 0)
-    c = tl.where(paper != 0, n_out + suffix - mk, tl.minimum(suffix, 50))
+    c = tl.where(paper != 0, n_out + suffix - mk, tl.minimum(suffix, OFFICIAL_CAP))
 
     # ---- Gumbel-top-L sample
-    k2 = tl.load(k2_ptr + row).to(tl.uint32)
+    k2 = tl.load(k2_ptr + row64).to(tl.uint32)
     key = sampling_key(c, T_hi, T_lo, gumbel(k2, p_item))
     sk = tl.where(mv, composite(ord_key(key), p_item), 0)
     tl.store(scr + lm, sk.to(tl.int64, bitcast=True))
@@ -170,89 +170,66 @@ def _rows_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, ex_ptr, ex_s0, ex_s1,
     q2 = kv & (pos >= K) & (in_a == 0)
     n_q1 = tl.sum((kv & (pos < K)).to(tl.int32), 0)
     n_qa = tl.sum(in_a.to(tl.int32), 0)
-
-    # ---- outputs
-    tl.store(qs_ptr + row64 * qs_s0 + lm, p_item, mask=lm < K)
-    tl.store(a_ptr + row64 * a_s0 + lm, a_item, mask=lm < L)
-    tl.store(qt_ptr + row64 * qt_s0 + lk, qt, mask=kv)
-    tl.store(q2_ptr + row64 * K + lk, q2.to(tl.uint8), mask=kv)
-    if FUSED:
-        t_row = t_ptr + row64 * t_s0
-        qs_m = lm < K
-        a_m = lm < L
-        a_g = tl.where(a_m, a_item, 0)
-        xs = tl.load(s_row + p_item * s_s1, mask=qs_m, other=0.0).to(tl.float32) / tau
-        ys = tl.load(t_row + p_item * t_s1, mask=qs_m, other=0.0).to(tl.float32) / tau
-        xa = tl.load(s_row + a_g * s_s1, mask=a_m, other=0.0).to(tl.float32) / tau
-        ya = tl.load(t_row + a_g * t_s1, mask=a_m, other=0.0).to(tl.float32) / tau
-        xq = sq / tau
-        yq = tl.load(t_row + qt * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
-        l1, _mx1, _sx1, _my1, _sy1 = ce_one(xs, ys, qs_m)
-        l2, _mx2, _sx2, _my2, _sy2 = ce_two(xa, ya, a_m, xq, yq, q2)
-        n = tl.where(paper != 0, n_q1, n_qa)
-        gamma = tl.exp(tl.math.div_rn(-(beta * n.to(tl.float32)), K_f))
-        tl.store(loss_ptr + row64, (1.0 - gamma) * l1 + gamma * l2)
-        st = stats_ptr + row64 * 5
-        tl.store(st, l1)
-        tl.store(st + 1, l2)
-        tl.store(st + 2, gamma)
-        tl.store(st + 3, n_q1.to(tl.float32))
-        tl.store(st + 4, n_qa.to(tl.float32))
-    else:
-        tl.store(counts_ptr + row64 * 2, n_q1.to(tl.int64))
-        tl.store(counts_ptr + row64 * 2 + 1, n_qa.to(tl.int64))
+    return p_item, qt, sq, a_item, q2, n_q1, n_qa
 
 
-def run(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed, *, fused=None):
-    """Launches the selection. ``fused`` = (tau, beta) computes the loss too and
-    returns fused_fwd's outputs; otherwise select's outputs."""
+@triton.jit
+def store_sets(row64, idx_ptr, W, q2_ptr, p_item, qt, a_item, q2, K, L,
+               BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Writes a row's [QS | A | QT] into idx (B, W) and its q2_mask (B, K)."""
+    lm = tl.arange(0, BLOCK_M)
+    lk = tl.arange(0, BLOCK_K)
+    irow = idx_ptr + row64 * W
+    tl.store(irow + lm, p_item, mask=lm < K)
+    tl.store(irow + K + lm, a_item, mask=lm < L)
+    tl.store(irow + K + L + lk, qt, mask=lk < K)
+    tl.store(q2_ptr + row64 * K + lk, q2.to(tl.uint8), mask=lk < K)
+
+
+@triton.jit(do_not_specialize=["s_s0", "s_s1", "ex_s0", "ex_s1", "tq_s0", "tq_s1", "W", "K", "M", "L", "has_ex",
+                              "qt_given", "paper"])
+def _select_rows_kernel(s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1, k2_ptr,
+                        scr_ptr, mark_ptr, idx_ptr, W, q2_ptr, counts_ptr, K, M, L, T_hi, T_lo, has_ex, qt_given,
+                        paper, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, LOG_M: tl.constexpr):
+    row64 = tl.program_id(0).to(tl.int64)
+    p_item, qt, _sq, a_item, q2, n_q1, n_qa = row_sets(
+        row64, s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, tq_s0, tq_s1, k2_ptr, scr_ptr, mark_ptr,
+        K, M, L, T_hi, T_lo, has_ex, qt_given, paper, BLOCK_K, BLOCK_M, LOG_M)
+    store_sets(row64, idx_ptr, W, q2_ptr, p_item, qt, a_item, q2, K, L, BLOCK_K, BLOCK_M)
+    tl.store(counts_ptr + row64 * 2, n_q1.to(tl.int64))
+    tl.store(counts_ptr + row64 * 2 + 1, n_qa.to(tl.int64))
+
+
+def prepare(s, t, teacher_topk, exclude, row_ids, cfg, seed):
+    """Phase 1 and the arguments of a phase-2 kernel shared by select and fused_fwd: a dict of
+    keyword arguments (tensors, strides, sizes, flags, block sizes) and the outputs idx, q2_mask."""
     B, N = s.shape
-    C.check_limits(K, M, N, L)
+    K, M, L = cfg.K, cfg.m, cfg.L
     dev = s.device
     pool = top_keys(s, exclude, M)
     if teacher_topk is None:
-        tq = top_keys(t, exclude, K)
-        tq_s = (tq.stride(0), 1)
+        tq, tq_s = top_keys(t, exclude, K), None
     else:
-        tq = teacher_topk
-        tq_s = (tq.stride(0), tq.stride(1))
+        tq, tq_s = teacher_topk, (teacher_topk.stride(0), teacher_topk.stride(1))
     BM, BK = C.block(M), C.block(K)
-    scr = torch.empty((B, BM), dtype=torch.int64, device=dev)
-    mark = torch.empty((B, BM), dtype=torch.int32, device=dev)
-    k2 = rng.row_keys(seed, row_ids)
-    q2 = torch.empty((B, K), dtype=torch.bool, device=dev)
     ex = C.dummy_u8(dev) if exclude is None else C.as_u8(exclude)
-    tt = t if fused is not None else s  # t is read only by the fused loss
-    if fused is None:
-        qs = torch.empty((B, K), dtype=torch.int64, device=dev)
-        a = torch.empty((B, L), dtype=torch.int64, device=dev)
-        qt = torch.empty((B, K), dtype=torch.int64, device=dev)
-        counts = torch.empty((B, 2), dtype=torch.int64, device=dev)
-        loss = stats = counts
-        tau, beta = 1.0, 0.0
-        outs = (qs, K, a, L, qt, K)
-    else:
-        tau, beta = fused
-        idx = torch.empty((B, 2 * K + L), dtype=torch.int64, device=dev)
-        loss = torch.empty((B,), dtype=torch.float32, device=dev)
-        stats = torch.empty((B, 5), dtype=torch.float32, device=dev)
-        counts = loss
-        W = 2 * K + L
-        outs = (idx, W, idx[:, K:], W, idx[:, K + L:], W)
-    _rows_kernel[(B,)](
-        s, s.stride(0), s.stride(1), tt, tt.stride(0), tt.stride(1), ex, ex.stride(0), ex.stride(1),
-        pool, tq, tq_s[0], tq_s[1], k2, scr, mark, *outs, C.as_u8(q2), counts, loss, stats,
-        K, M, L, *C.split_f64(T), float(tau), float(beta), float(K),
-        int(exclude is not None), int(teacher_topk is not None), int(mode == "paper"),
-        FUSED=fused is not None, BLOCK_K=BK, BLOCK_M=BM,
-        LOG_M=BM.bit_length(), num_warps=C.warps_for(4 * BM))
-    if fused is None:
-        return qs, a, qt, q2, counts
-    return loss, stats, idx, q2
+    idx = torch.empty((B, 2 * K + L), dtype=torch.int64, device=dev)
+    q2 = torch.empty((B, K), dtype=torch.bool, device=dev)
+    T_hi, T_lo = C.split_f64(cfg.T)
+    kw = dict(s_ptr=s, s_s0=s.stride(0), s_s1=s.stride(1), ex_ptr=ex, ex_s0=ex.stride(0), ex_s1=ex.stride(1),
+              pool_ptr=pool, tq_ptr=tq, tq_s0=tq.stride(0) if tq_s is None else tq_s[0],
+              tq_s1=1 if tq_s is None else tq_s[1], k2_ptr=rng.row_keys(seed, row_ids),
+              scr_ptr=torch.empty((B, BM), dtype=torch.int64, device=dev),
+              mark_ptr=torch.empty((B, BM), dtype=torch.int32, device=dev),
+              idx_ptr=idx, W=2 * K + L, q2_ptr=C.as_u8(q2), K=K, M=M, L=L, T_hi=T_hi, T_lo=T_lo,
+              has_ex=int(exclude is not None), qt_given=int(teacher_topk is not None), paper=int(cfg.mode == "paper"),
+              BLOCK_K=BK, BLOCK_M=BM, LOG_M=BM.bit_length(), num_warps=C.warps_for(4 * BM))
+    return kw, idx, q2
 
 
-def select(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed):
-    """The sets of each row: (student_topk, sampled, teacher_topk, q2_mask, counts)."""
-    if not C.kernel_dtypes_ok(s, t if teacher_topk is None else None):
-        return reference.select(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed)
-    return run(s, t, teacher_topk, exclude, row_ids, K, M, L, T, mode, seed)
+def select(s, t, teacher_topk, exclude, row_ids, cfg, seed):
+    """The sets of each row: (idx = [QS | A | QT], q2_mask, counts)."""
+    kw, idx, q2 = prepare(s, t, teacher_topk, exclude, row_ids, cfg, seed)
+    counts = torch.empty((s.shape[0], 2), dtype=torch.int64, device=s.device)
+    _select_rows_kernel[(s.shape[0],)](counts_ptr=counts, **kw)
+    return idx, q2, counts

@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
 from . import _common as C
 
 
@@ -57,12 +56,10 @@ def soft_diff(x, y, m, mx, sx, my, sy, coef):
 
 
 # ----------------------------------------------------------------------------- kernels
-@triton.jit(do_not_specialize=["s_s0", "s_s1", "t_s0", "t_s1", "q2_s0", "q2_s1", "gam_s0", "gr_s0",
-                              "K", "L"])
-def _subset_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, q2_ptr, q2_s0, q2_s1, gam_ptr, gam_s0,
-                   gr_ptr, gr_s0, loss_ptr, parts_ptr, grad_ptr, K, L, tau,
-                   BWD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+@triton.jit
+def _gathered_ce(row, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, q2_ptr, q2_s0, q2_s1, K, L, tau,
+                 BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+    """One row of gathered scores / tau and both cross-entropies with their softmax statistics."""
     lk = tl.arange(0, BLOCK_K)
     ll = tl.arange(0, BLOCK_L)
     kv = lk < K
@@ -79,55 +76,63 @@ def _subset_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, q2_ptr, q2_s0, q2_s1, g
     xq = tl.load(srow + c_qt * s_s1, mask=kv, other=0.0).to(tl.float32) / tau
     yq = tl.load(trow + c_qt * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
     mq = kv & (tl.load(q2_ptr + row * q2_s0 + c_qs * q2_s1, mask=kv, other=0) != 0)
-    gamma = tl.load(gam_ptr + row * gam_s0).to(tl.float32)
     l1, mx1, sx1, my1, sy1 = ce_one(xs, ys, kv)
     l2, mx2, sx2, my2, sy2 = ce_two(xa, ya, lv, xq, yq, mq)
-    if BWD:
-        w = tl.load(gr_ptr + row * gr_s0).to(tl.float32) / tau
-        grow = grad_ptr + row * (2 * K + L)
-        tl.store(grow + c_qs, soft_diff(xs, ys, kv, mx1, sx1, my1, sy1, (1.0 - gamma) * w), mask=kv)
-        tl.store(grow + c_a, soft_diff(xa, ya, lv, mx2, sx2, my2, sy2, gamma * w), mask=lv)
-        tl.store(grow + c_qt, soft_diff(xq, yq, mq, mx2, sx2, my2, sy2, gamma * w), mask=kv)
-    else:
-        tl.store(loss_ptr + row, (1.0 - gamma) * l1 + gamma * l2)
-        tl.store(parts_ptr + row * 2, l1)
-        tl.store(parts_ptr + row * 2 + 1, l2)
+    return (xs, ys, xa, ya, xq, yq, kv, lv, mq, c_qs, c_a, c_qt, l1, mx1, sx1, my1, sy1, l2, mx2, sx2, my2, sy2)
+
+
+@triton.jit(do_not_specialize=["s_s0", "s_s1", "t_s0", "t_s1", "q2_s0", "q2_s1", "gam_s0", "K", "L"])
+def _subset_fwd_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, q2_ptr, q2_s0, q2_s1, gam_ptr, gam_s0,
+                       loss_ptr, parts_ptr, K, L, tau, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    r = _gathered_ce(row, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, q2_ptr, q2_s0, q2_s1, K, L, tau, BLOCK_K, BLOCK_L)
+    l1 = r[12]
+    l2 = r[17]
+    gamma = tl.load(gam_ptr + row * gam_s0).to(tl.float32)
+    tl.store(loss_ptr + row, (1.0 - gamma) * l1 + gamma * l2)
+    tl.store(parts_ptr + row * 2, l1)
+    tl.store(parts_ptr + row * 2 + 1, l2)
+
+
+@triton.jit(do_not_specialize=["s_s0", "s_s1", "t_s0", "t_s1", "q2_s0", "q2_s1", "gam_s0", "gr_s0", "K", "L"])
+def _subset_bwd_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, q2_ptr, q2_s0, q2_s1, gam_ptr, gam_s0,
+                       gr_ptr, gr_s0, grad_ptr, K, L, tau, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    (xs, ys, xa, ya, xq, yq, kv, lv, mq, c_qs, c_a, c_qt, _l1, mx1, sx1, my1, sy1, _l2, mx2, sx2, my2,
+     sy2) = _gathered_ce(row, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, q2_ptr, q2_s0, q2_s1, K, L, tau,
+                         BLOCK_K, BLOCK_L)
+    gamma = tl.load(gam_ptr + row * gam_s0).to(tl.float32)
+    w = tl.load(gr_ptr + row * gr_s0).to(tl.float32) / tau
+    grow = grad_ptr + row * (2 * K + L)
+    tl.store(grow + c_qs, soft_diff(xs, ys, kv, mx1, sx1, my1, sy1, (1.0 - gamma) * w), mask=kv)
+    tl.store(grow + c_a, soft_diff(xa, ya, lv, mx2, sx2, my2, sy2, gamma * w), mask=lv)
+    tl.store(grow + c_qt, soft_diff(xq, yq, mq, mx2, sx2, my2, sy2, gamma * w), mask=kv)
 
 
 # ----------------------------------------------------------------------------- launchers
-def _launch(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau, bwd):
-    B = s_g.shape[0]
+def _args(s_g, t_g, q2_mask, gamma, cfg):
+    """The keyword arguments shared by the forward and backward kernels."""
     q2 = C.as_u8(q2_mask)
-    dev = s_g.device
-    if bwd:
-        grad = torch.empty((B, 2 * K + L), dtype=torch.float32, device=dev)
-        loss = parts = grad
-        gr = grad_rows
-    else:
-        loss = torch.empty((B,), dtype=torch.float32, device=dev)
-        parts = torch.empty((B, 2), dtype=torch.float32, device=dev)
-        grad = loss
-        gr = gamma
-    BK, BL = C.block(K), C.block(L)
-    _subset_kernel[(B,)](
-        s_g, s_g.stride(0), s_g.stride(1), t_g, t_g.stride(0), t_g.stride(1),
-        q2, q2.stride(0), q2.stride(1), gamma, gamma.stride(0), gr, gr.stride(0),
-        loss, parts, grad, K, L, float(tau),
-        BWD=bwd, BLOCK_K=BK, BLOCK_L=BL, num_warps=C.warps_for(BK + BL))
-    return grad if bwd else (loss, parts)
+    BK, BL = C.block(cfg.K), C.block(cfg.L)
+    return dict(s_ptr=s_g, s_s0=s_g.stride(0), s_s1=s_g.stride(1), t_ptr=t_g, t_s0=t_g.stride(0),
+                t_s1=t_g.stride(1), q2_ptr=q2, q2_s0=q2.stride(0), q2_s1=q2.stride(1), gam_ptr=gamma,
+                gam_s0=gamma.stride(0), K=cfg.K, L=cfg.L, tau=float(cfg.tau), BLOCK_K=BK, BLOCK_L=BL,
+                num_warps=C.warps_for(BK + BL))
 
 
-def subset_ce_fwd(s_g, t_g, q2_mask, gamma, K, L, tau):
+def subset_ce_fwd(s_g, t_g, q2_mask, gamma, cfg):
     """Per-row loss on gathered scores [QS | A | QT] and (L1, L2) per row (float32)."""
-    if not C.kernel_dtypes_ok(s_g, t_g):
-        return reference.subset_ce_fwd(s_g, t_g, q2_mask, gamma, K, L, tau)
-    C.check_limits(K, K, 0, L)
-    return _launch(None, s_g, t_g, q2_mask, gamma, K, L, tau, bwd=False)
+    B = s_g.shape[0]
+    loss = torch.empty((B,), dtype=torch.float32, device=s_g.device)
+    parts = torch.empty((B, 2), dtype=torch.float32, device=s_g.device)
+    _subset_fwd_kernel[(B,)](loss_ptr=loss, parts_ptr=parts, **_args(s_g, t_g, q2_mask, gamma, cfg))
+    return loss, parts
 
 
-def subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau):
+def subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, cfg):
     """d(sum_r grad_rows[r] * loss[r]) / d s_g, float32 (B, 2K + L)."""
-    if not C.kernel_dtypes_ok(s_g, t_g):
-        return reference.subset_ce_bwd(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau)
-    C.check_limits(K, K, 0, L)
-    return _launch(grad_rows, s_g, t_g, q2_mask, gamma, K, L, tau, bwd=True)
+    B = s_g.shape[0]
+    grad = torch.empty((B, cfg.width), dtype=torch.float32, device=s_g.device)
+    _subset_bwd_kernel[(B,)](gr_ptr=grad_rows, gr_s0=grad_rows.stride(0), grad_ptr=grad,
+                             **_args(s_g, t_g, q2_mask, gamma, cfg))
+    return grad

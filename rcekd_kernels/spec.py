@@ -1,0 +1,90 @@
+"""The spec's own math, in one neutral place (docs/LOSS.md).
+
+Used by the public API, every Python backend and the training drivers; the C++
+and CUDA kernels mirror these definitions in ``csrc/spec.h``.
+
+* :func:`default_m` -- the default pool size M = 2K;
+* :data:`OFFICIAL_CAP` -- the cap of the counts in ``mode="official"``;
+* :func:`ranked_topk` -- the spec's ranking order (larger score first, ties to the
+  smaller item id, excluded items never taken);
+* :func:`pool_counts` -- the integer counts of the pool positions (both modes);
+* :func:`gamma_from_counts` -- the weight gamma of L2.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["OFFICIAL_CAP", "default_m", "compute_dtype", "ranked_topk", "pool_counts", "gamma_from_counts"]
+
+#: ``mode="official"``: a pool item's count is capped at this value (the authors' code).
+OFFICIAL_CAP = 50
+
+
+def default_m(K: int) -> int:
+    """The default pool size for top lists of K items: M = 2K."""
+    return 2 * K
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The arithmetic dtype for scores of x's dtype: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def ranked_topk(x: Tensor, k: int, exclude: Optional[Tensor] = None) -> Tensor:
+    """The first k items of each row of ``x`` (B, N) in ranking order: larger score first,
+    ties to the smaller index, excluded items never taken. Returns int64 (B, k).
+
+    ``torch.topk`` gives the k-th largest value but breaks ties arbitrarily, so the
+    items strictly above that threshold are all taken and the ties at the threshold
+    are taken in index order; the k chosen items are then ordered by a stable sort
+    (which keeps index order among equal scores).
+    """
+    B, N = x.shape
+    x = x.to(compute_dtype(x))
+    if exclude is not None:
+        x = x.masked_fill(exclude, float("-inf"))
+    thr = torch.topk(x, k, dim=1, sorted=True).values[:, -1:]
+    above = x > thr
+    at = x == thr
+    need = k - above.sum(dim=1, keepdim=True)
+    if bool((at.sum(dim=1, keepdim=True) == need).all()):
+        take = above | at  # no row has more ties at its threshold than it needs
+    else:
+        take = above | (at & (torch.cumsum(at, dim=1) <= need))
+    idx = take.nonzero()[:, 1].view(B, k)  # ascending item index within each row
+    order = torch.sort(x.gather(1, idx), dim=1, descending=True, stable=True).indices
+    return idx.gather(1, order)
+
+
+def pool_counts(pos_t: Tensor, K: int, M: int, mode: str) -> Tensor:
+    """Integer counts c (B, M) of the pool positions, from the pool positions of the
+    teacher's top-K (``pos_t`` (B, K), M where outside the pool).
+
+    paper: the number of Q2 items ranked below the position (Q2 items outside the pool
+    count as below every pool item); official: min(OFFICIAL_CAP, the number of QT items
+    inside the pool at or below the position).
+    """
+    B = pos_t.shape[0]
+    if mode == "paper":
+        marked = (pos_t >= K) & (pos_t < M)  # Q2 items inside the pool
+    else:
+        marked = pos_t < M  # all of QT inside the pool
+    ind = torch.zeros(B, M + 1, dtype=torch.int64, device=pos_t.device)
+    ind.scatter_add_(1, torch.where(marked, pos_t, M), torch.ones_like(pos_t))
+    ind = ind[:, :M]
+    suffix = ind.flip(1).cumsum(1).flip(1)  # inclusive: marked items at positions >= p
+    if mode == "paper":
+        n_outside = (pos_t >= M).sum(dim=1, keepdim=True)
+        return n_outside + suffix - ind  # strictly below p, plus Q2 items outside the pool
+    return suffix.clamp_max(OFFICIAL_CAP)
+
+
+def gamma_from_counts(counts: Tensor, beta: float, K: int, mode: str) -> Tensor:
+    """gamma = exp(-beta * n / K) in float32, n = |Q1| (paper) or |QT & A| (official);
+    ``counts`` (B, 2) = (|Q1|, |QT & A|)."""
+    n = counts[:, 0 if mode == "paper" else 1].to(torch.float32)
+    return torch.exp(-(beta * n) / K)
