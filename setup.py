@@ -144,7 +144,7 @@ setup(
     packages=find_packages(include=["rcekd_kernels", "rcekd_kernels.*"])
     + find_packages(where="python", include=["rcekd_train", "rcekd_train.*"]),
     package_dir={"rcekd_train": "python/rcekd_train"},
-    package_data={"rcekd_kernels": ["py.typed"], "rcekd_train": ["configs/*.yaml"]},
+    package_data={"rcekd_kernels": ["py.typed"], "rcekd_train": ["configs/*.yaml", "paper_results.yaml"]},
     license="MIT",
     # the loss needs torch only; the training drivers (rcekd_train, the `rcekd` command) come with
     # the "train" extra: pip install "rcekd_kernels[train]"

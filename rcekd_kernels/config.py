@@ -54,7 +54,7 @@ def _check_real(name: str, value: Any, *, positive: bool, lo: float, hi: float) 
     if not math.isfinite(value) or (value <= 0 if positive else value < 0):
         rng = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {rng}, got {name} = {value}")
-    if not lo <= value <= hi:
+    if not lo <= float(value) <= hi:
         raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}] (float32 arithmetic beyond is meaningless), "
                          f"got {name} = {value}")
 

@@ -31,7 +31,8 @@ def test_demo_tiny(tmp_path, capsys):
 def test_teacher_distill_evaluate(tmp_path, capsys):
     t = str(tmp_path / "t")
     common = ["--dataset", "synthetic", "--no-progress", "--epochs", "2"] + TINY
-    assert main(["train-teacher", "--model", "mf", "--out", t, "--dim", "16"] + common) == 0
+    assert main(["train-teacher", "--model", "mf", "--out", t, "--dim", "16", "--keep-every", "1"] + common) == 0
+    assert sorted(os.listdir(os.path.join(t, "trajectory"))) == ["epoch_0001.pt", "epoch_0002.pt"]
     s = str(tmp_path / "s")
     assert main(["distill", "--student", "mf", "--kd", "rcekd", "--teacher", t, "--out", s, "--lambda", "2",
                  "--beta", "4", "--refresh", "batch"] + common + RCEKD) == 0

@@ -1,4 +1,5 @@
 """Shared helpers of the training-driver tests (imported by the other tests/test_train_*.py; no tests here)."""
+import os
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def shared_data_dir(*parts):
-    """The real data folder ``../shared/data`` (relative to the repository root), or skip."""
-    path = SHARED_DATA.joinpath(*parts)
+    """The real data folder: ``$RCEKD_DATA`` when set, else ``../shared/data`` (relative to the repository
+    root), or skip."""
+    root = Path(os.environ["RCEKD_DATA"]) if os.environ.get("RCEKD_DATA") else SHARED_DATA
+    path = root.joinpath(*parts)
     if not path.exists():
         pytest.skip(f"real data not available: {path} is absent (it lives outside the repository)")
-    return str(SHARED_DATA)
+    return str(root)
 
 
 def tiny_synthetic(**over):

@@ -267,3 +267,208 @@ def test_gumbel_topk_distribution():
     pick = gumbel_topk(logw, 1, g)[:, 0]
     assert not (pick == 2).any()  # zero weight never drawn
     assert float((pick == 1).float().mean()) == pytest.approx(0.75, abs=0.02)
+
+
+# --- the authors' variants of the baselines -----------------------------------------------------------
+def test_cd_authors_variant(setting):
+    """guide: student, draw: pairwise, exclude_train, target sigmoid((t + shift) / target_T)."""
+    data, teacher, student, full_t = setting
+    kd = CD(teacher, data, seed=4, L=3, pool=25, T=8.0, guide="student", draw="pairwise", exclude_train=True,
+            target_T=2.0, target_shift=0.5)
+    kd.on_epoch_start(student, 1)
+    s_all = (student.user_emb.weight @ student.item_emb.weight.T).detach()
+    for u in range(data.num_users):
+        train = set(data.train.items_of(u).tolist())
+        ranked = [j for j in brute_topk(s_all[u], data.num_items) if j not in train][:25]
+        items = kd.items[u].tolist()
+        assert len(set(items)) == 3 and set(items) <= set(ranked)
+    users = torch.tensor([2, 2, 40])  # one row per occurrence (the authors' CD)
+    uv, iv = student.represent(users)
+    loss, _ = kd.batch_loss(users, uv, iv, 0)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    want = 0.0
+    for r, u in enumerate(users.tolist()):
+        for j in kd.items[u].tolist():
+            y, p = sig((float(full_t[u, j]) + 0.5) / 2.0), sig(float((uv[r] * iv[j]).sum().detach()))
+            want -= y * math.log(p) + (1 - y) * math.log(1 - p)
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
+
+
+def test_pairwise_rank_sampling_distribution():
+    """Best of two draws: P(position k) = p_k^2 + 2 p_k sum_{j > k} p_j for the first item drawn."""
+    from rcekd_train.kd.baselines import pairwise_rank_sampling
+    g = torch.Generator().manual_seed(1)
+    pos = pairwise_rank_sampling(4, 1, 2.0, g, 40000)
+    w = [math.exp(-(k + 1) / 2.0) for k in range(4)]
+    p = [x / sum(w) for x in w]
+    want = [p[k] ** 2 + 2 * p[k] * sum(p[k + 1:]) for k in range(4)]
+    got = [float((pos[:, 0] == k).float().mean()) for k in range(4)]
+    assert got == pytest.approx(want, abs=0.01)
+    # n distinct positions per row
+    pos = pairwise_rank_sampling(6, 5, 50.0, g, 300)
+    assert all(len(set(r)) == 5 for r in pos.tolist())
+
+
+def test_rrd_authors_variant(setting):
+    """exclude_train: the teacher's list skips training items and none is drawn as uninteresting;
+    user_weight: one: a user repeated in a batch counts once."""
+    data, teacher, student, full_t = setting
+    kd = RRD(teacher, data, seed=1, K=6, L=8, pool=20, T=5.0, exclude_train=True, user_weight="one")
+    kd.on_epoch_start(student, 0)
+    for u in range(data.num_users):
+        train = set(data.train.items_of(u).tolist())
+        top = [j for j in brute_topk(full_t[u], data.num_items) if j not in train][:20]
+        inter, unint = kd.interesting[u].tolist(), kd.uninteresting[u].tolist()
+        assert set(inter) <= set(top) and [top.index(i) for i in inter] == sorted(top.index(i) for i in inter)
+        assert not set(unint) & (set(top) | train)
+    users = torch.tensor([8, 8, 8, 3])
+    uv, iv = student.represent(users)
+    loss, _ = kd.batch_loss(users, uv, iv, 0)
+    want = 0.0
+    for u in (8, 3):
+        s = (student.user_emb.weight[u] @ student.item_emb.weight.T).detach()
+        o, b = s[kd.interesting[u]].tolist(), s[kd.uninteresting[u]].tolist()
+        want -= sum(o[k] - math.log(sum(math.exp(x) for x in o[k:]) + sum(math.exp(x) for x in b))
+                    for k in range(6))
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
+
+
+def test_dcd_authors_variant(setting):
+    """over_from: teacher, order: under_over, exclude_train: both sides from the teacher's list without
+    training items; the under-ranked items (d = rank_S - rank_T > 0 most likely) above the over-ranked."""
+    data, teacher, student, full_t = setting
+    kd = DCD(teacher, data, seed=3, L=4, pool=15, scale=3.0, floor=1e-5, over_from="teacher", order="under_over",
+             exclude_train=True, user_weight="one")
+    kd.on_epoch_start(student, 0)
+    s_all = (student.user_emb.weight @ student.item_emb.weight.T).detach()
+    exact = 0
+    for u in range(data.num_users):
+        train = set(data.train.items_of(u).tolist())
+        t_list = [j for j in brute_topk(full_t[u], data.num_items) if j not in train][:15]
+        under, over = kd.items[u].tolist(), kd.below[u].tolist()
+        assert len(set(under)) == 4 and len(set(over)) == 4 and set(under) | set(over) <= set(t_list)
+        # d = student rank (over all items) - position in the teacher's list
+        d = {j: int((s_all[u] > s_all[u, j]).sum()) - t_list.index(j) for j in t_list}
+        n_pos, n_neg = sum(v > 0 for v in d.values()), sum(v < 0 for v in d.values())
+        # weights tanh(|d| / scale) >= 0.32 against the floor 1e-5: the items with the right sign come first
+        exact += (sum(d[j] > 0 for j in under) == min(4, n_pos)) and (sum(d[j] < 0 for j in over) == min(4, n_neg))
+    assert exact >= 0.97 * data.num_users
+    users = torch.tensor([5, 5])
+    uv, iv = student.represent(users)
+    loss, _ = kd.batch_loss(users, uv, iv, 0)
+    s = s_all[5]
+    o, b = s[kd.items[5]].tolist(), s[kd.below[5]].tolist()
+    want = -sum(o[k] - math.log(sum(math.exp(x) for x in o[k:]) + sum(math.exp(x) for x in b)) for k in range(4))
+    assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
+
+
+def test_baseline_options_are_checked(setting):
+    data, teacher, student, full_t = setting
+    with pytest.raises(ValueError, match="guide"):
+        CD(teacher, data, guide="both")
+    with pytest.raises(ValueError, match="over_from"):
+        DCD(teacher, data, over_from="x")
+    with pytest.raises(ValueError, match="user_weight"):
+        RRD(teacher, data, user_weight="twice").batch_loss(torch.tensor([0]), *student.represent(torch.tensor([0])), 0)
+
+
+# --- the ablations of the paper's Figure 3 (variants of the rcekd method) --------------------------------
+def hand_variant(s_row, t_row, qs, a, qt, beta, K, tau, mode, variant, c=0.5):
+    """Each variant written out for one row from its sets: full / l1_only / const_gamma / no_split."""
+    qs, a, qt = list(qs), list(a), list(qt)
+
+    def ce(items):
+        tt = torch.stack([t_row[j] for j in items]) / tau
+        ss = torch.stack([s_row[j] for j in items]) / tau
+        return -(torch.softmax(tt, 0) * torch.log_softmax(ss, 0)).sum()
+
+    if variant == "no_split":
+        return ce(list(dict.fromkeys(a + qt)))  # X = A union QT, each item once
+    q2 = [i for i in qt if i not in qs]
+    U = list(dict.fromkeys(a + q2))
+    n = len(set(qt) & set(qs)) if mode == "paper" else len(set(qt) & set(a))
+    gamma = {"full": math.exp(-beta * n / K), "l1_only": 0.0, "const_gamma": c}[variant]
+    return (1 - gamma) * ce(qs) + gamma * ce(U)
+
+
+@pytest.mark.parametrize("variant", ["l1_only", "const_gamma", "no_split", "full"])
+@pytest.mark.parametrize("refresh", ["epoch", "batch"])
+def test_rcekd_ablation_variants_match_hand_formula(setting, variant, refresh):
+    data, teacher, student, full_t = setting
+    K, M, L, beta, tau, c = 6, 15, 5, 3.0, 2.0, 0.3
+    kd = RCEKD(teacher, data, seed=7, K=K, M=M, L=L, beta=beta, tau=tau, mode="official", refresh=refresh,
+               variant=variant, gamma=c, reduction="sum")
+    kd.on_epoch_start(student, 0)
+    users = torch.tensor([3, 7, 50, 119])
+    uv, iv = student.represent(users)
+    loss, diag = kd.batch_loss(users, uv, iv, step=2)
+    loss.backward()
+    got_grad = student.user_emb.weight.grad.clone()
+    student.zero_grad()
+
+    uv, iv = student.represent(users)
+    s_full = uv @ iv.T
+    if refresh == "epoch":
+        sel = kd.selection[users]
+    else:
+        sel = select(s_full.detach(), teacher_topk=teacher.topk(users, K), K=K, M=M, L=L, T=10.0, beta=beta,
+                     mode="official", seed=mix_seed(7, 2, 2), row_ids=users)
+    want = 0.0
+    for r, u in enumerate(users.tolist()):
+        assert sel.student_topk[r].tolist() == brute_topk(s_full[r].detach(), K)
+        want = want + hand_variant(s_full[r], full_t[u], sel.student_topk[r].tolist(), sel.sampled[r].tolist(),
+                                   sel.teacher_topk[r].tolist(), beta, K, tau, "official", variant, c)
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-4)
+    want.backward()
+    assert torch.allclose(got_grad, student.user_emb.weight.grad, rtol=1e-4, atol=1e-5)
+    student.zero_grad()
+    if variant == "no_split":
+        assert "gamma" not in diag and "L1" not in diag
+    elif variant != "full":
+        assert float(diag["gamma"]) == pytest.approx({"l1_only": 0.0, "const_gamma": c}[variant])
+        assert 0 < float(diag["gamma_adaptive"]) <= 1
+
+
+def test_rcekd_variant_options_are_checked(setting):
+    data, teacher, student, full_t = setting
+    with pytest.raises(ValueError, match="variant"):
+        RCEKD(teacher, data, variant="wo_sep")
+    with pytest.raises(ValueError, match="gamma"):
+        RCEKD(teacher, data, variant="const_gamma", gamma=1.5)
+
+
+def test_masked_ce_rows_formula():
+    from rcekd_train.kd.rcekd import masked_ce_rows
+    s = torch.tensor([[1.0, 2.0, 0.5, 9.0]], requires_grad=True)
+    t = torch.tensor([[0.3, 0.1, 2.0, -5.0]])
+    mask = torch.tensor([[True, False, True, True]])
+    got = masked_ce_rows(s, t, mask, 2.0)
+    X = [0, 2, 3]
+    pt = [math.exp(float(t[0, j]) / 2) for j in X]
+    ps = [math.exp(float(s[0, j].detach()) / 2) for j in X]
+    want = -sum(pt[i] / sum(pt) * math.log(ps[i] / sum(ps)) for i in range(3))
+    assert float(got[0].detach()) == pytest.approx(want, rel=1e-6)
+    got.sum().backward()
+    assert float(s.grad[0, 1]) == 0.0 and torch.isfinite(s.grad).all()
+
+
+def test_dcd_teacher_ranks_kept_across_epochs(setting):
+    """over_from: teacher keeps the teacher's ranks from the first epoch: a later epoch draws exactly what a
+    fresh instance computing them again draws."""
+    data, teacher, student, full_t = setting
+    hp = dict(L=4, pool=15, scale=3.0, over_from="teacher", order="under_over", exclude_train=True)
+    kd = DCD(teacher, data, seed=3, **hp)
+    kd.on_epoch_start(student, 0)
+    with torch.no_grad():
+        student.user_emb.weight.add_(0.3 * torch.randn_like(student.user_emb.weight))
+    kd.on_epoch_start(student, 1)
+    fresh = DCD(teacher, data, seed=3, **hp)
+    fresh.on_epoch_start(student, 1)
+    assert torch.equal(kd.items, fresh.items) and torch.equal(kd.below, fresh.below)
+    for order in ("teacher",):
+        a = DCD(teacher, data, seed=3, **dict(hp, order=order))
+        a.on_epoch_start(student, 0)
+        a.on_epoch_start(student, 1)
+        b = DCD(teacher, data, seed=3, **dict(hp, order=order))
+        b.on_epoch_start(student, 1)
+        assert torch.equal(a.items, b.items)

@@ -65,3 +65,36 @@ def test_against_brute_force_loop():
                 nd.append(dcg / idcg)
             assert res[split][f"recall@{k}"] == pytest.approx(np.mean(rec))
             assert res[split][f"ndcg@{k}"] == pytest.approx(np.mean(nd))
+
+
+def test_authors_convention_counts_users_without_items_as_zeros():
+    # 3 users; valid items only for users 0 and 2 (user 1 has none), test items for all
+    data = toy([[5], [5], [5]], [[0], [], [1]], [[1], [2], [0]], 6)
+    scores = torch.tensor([[9.0, 8.0, 1.0, 0.0, 0.5, 9.5],    # ranking 0, 1, 2, ...
+                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],    # ranking 4, 3, 2, ...
+                           [0.0, 7.0, 0.0, 5.0, 1.0, 9.0]])   # ranking 1, 3, 4, ...
+    ours = evaluate_scores(lambda u: scores[u], data, ks=(1, 3))
+    auth = evaluate_scores(lambda u: scores[u], data, ks=(1, 3), convention="authors")
+    # valid by hand: user 0 hits at rank 1 (recall 1, ndcg 1), user 2 hits at rank 1 (1, 1)
+    assert ours["valid"]["recall@1"] == pytest.approx(1.0)
+    assert auth["valid"]["recall@1"] == pytest.approx(2.0 / 3)        # (1 + 0 + 1) / 3 users
+    assert auth["valid"]["ndcg@3"] == pytest.approx(2.0 / 3)
+    # test by hand: user 0: item 1 at rank 2; user 1: item 2 at rank 3; user 2: item 0 at rank 5
+    n3 = (1 / math.log2(3) + 1 / math.log2(4) + 0.0) / 3
+    assert ours["test"]["ndcg@3"] == pytest.approx(n3)
+    assert auth["test"]["ndcg@3"] == pytest.approx(n3)                # every user has test items
+    assert auth["test"]["recall@3"] == pytest.approx(2.0 / 3)
+    with pytest.raises(ValueError, match="convention"):
+        evaluate_scores(lambda u: scores[u], data, ks=(1,), convention="paper")
+
+
+def test_authors_convention_factor_on_citeulike():
+    from test_train_helpers import shared_data_dir
+
+    from rcekd_train.data import load_dataset
+    root = shared_data_dir("citeulike", "users.dat")
+    data = load_dataset("citeulike", root)
+    with_valid = int((data.valid.lengths() > 0).sum())
+    assert (with_valid, data.num_users) == (4518, 5219)
+    assert with_valid / data.num_users == pytest.approx(0.8657, abs=5e-5)
+    assert int((data.test.lengths() > 0).sum()) == data.num_users

@@ -140,3 +140,32 @@ def test_time_limit_reports_best_so_far_and_resume_continues(tmp_path, teacher_d
 def read_history_of(cfg, out):
     run_one(cfg, out, log=quiet)
     return read_history(out)
+
+
+def test_teacher_keeps_its_trajectory_resume_safe(tmp_path):
+    """train.keep_every / keep_epochs: weights after those epochs in trajectory/, equal to the model after the
+    epoch (the checkpoint of a run stopped there), and the same files after an interrupted + resumed run."""
+    from rcekd_train.kd.teacher import list_trajectory
+    sets = DATA + FAST + ["train.epochs=5", "model.dim=8", "train.keep_every=2", "train.keep_epochs=[3]"]
+    cfg = resolve("synthetic", "teacher", "mf", sets=sets)
+    full = str(tmp_path / "full")
+    run_one(cfg, full, log=quiet)
+    kept = list_trajectory(full)
+    assert [e for e, _ in kept] == [2, 3, 4]
+    # the weights after epoch 3 = the checkpoint of the same run stopped after 3 epochs
+    stop3 = str(tmp_path / "stop3")
+    run_one(dict(cfg, train=dict(cfg["train"], stop_after=3)), stop3, log=quiet)
+    ck = torch.load(os.path.join(stop3, "checkpoint.pt"), weights_only=False)["model"]
+    snap = torch.load(dict(kept)[3], weights_only=False)
+    assert snap["epoch"] == 3 and all(torch.equal(ck[k], snap["state"][k]) for k in ck)
+    assert set(snap) >= {"model", "hparams", "state", "data_fingerprint"}  # best_model.pt's format
+    # stopped after epoch 3 and resumed: the same trajectory, bit for bit
+    run_one(cfg, stop3, resume=True, log=quiet)
+    for (e1, p1), (e2, p2) in zip(kept, list_trajectory(stop3)):
+        a, b = torch.load(p1, weights_only=False)["state"], torch.load(p2, weights_only=False)["state"]
+        assert e1 == e2 and all(torch.equal(a[k], b[k]) for k in a)
+    # no trajectory unless asked
+    plain = str(tmp_path / "plain")
+    run_one(resolve("synthetic", "teacher", "mf", sets=DATA + FAST + ["train.epochs=2", "model.dim=8"]), plain,
+            log=quiet)
+    assert list_trajectory(plain) == [] and not os.path.exists(os.path.join(plain, "trajectory"))

@@ -66,11 +66,14 @@ def _common(p, student=False):
         g.add_argument("--refresh", choices=["epoch", "batch"], default=None,
                        help="RCE-KD / CE: recompute the sets once per epoch (authors) or every batch")
         g.add_argument("--reduction", choices=["sum", "mean"], default=None, help="KD loss over users")
+        g.add_argument("--variant", choices=["full", "no_split", "l1_only", "const_gamma"], default=None,
+                       help="RCE-KD or one of its ablations (the paper's Figure 3: w/o sep, w/o S, w/ const; "
+                       "the constant is kd.gamma)")
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="rcekd", description="Training drivers for RCE-KD (knowledge distillation "
-                                "for recommender systems): MF, LightGCN, HSTU; RCE-KD, CE, CD, RRD, DCD.",
+                                "for recommender systems): MF, LightGCN, HSTU; RCE-KD, CE, CD, RRD, DCD, HetComp.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -91,13 +94,16 @@ def build_parser():
                        "top-K items per user (teacher_topk.pt) for distillation.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--model", required=True, choices=["mf", "lightgcn", "hstu"])
+    t.add_argument("--keep-every", type=int, default=None, metavar="E",
+                   help="also keep the weights every E epochs in OUT/trajectory/ (train.keep_every; HetComp "
+                   "distils from this trajectory)")
     _common(t)
 
     s = sub.add_parser("distill", help="train a student, from scratch (--kd none) or distilled from a teacher",
                        description="Trains a student with base loss + lambda * KD loss. --kd none trains it from "
                        "scratch (the student's own settings); other methods need --teacher.")
     s.add_argument("--student", required=True, choices=["mf", "lightgcn", "hstu"])
-    s.add_argument("--kd", default="rcekd", choices=["none", "rcekd", "ce", "cd", "rrd", "dcd"])
+    s.add_argument("--kd", default="rcekd", choices=["none", "rcekd", "ce", "cd", "rrd", "dcd", "hetcomp"])
     s.add_argument("--teacher", default=None, help="teacher run directory (from train-teacher)")
     _common(s, student=True)
 
@@ -109,6 +115,9 @@ def build_parser():
     e.add_argument("--ks", type=int, nargs="+", default=[10, 20])
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true", help="print JSON")
+    e.add_argument("--convention", choices=["ours", "authors"], default=None,
+                   help="how metrics are averaged over users (default: the run's train.metric_convention): ours = "
+                   "over the users with items in the split; authors = their code (users without items count as 0)")
 
     w = sub.add_parser("download", help="fetch the public data files and verify their sha256",
                        description="Downloads CiteULike (users.dat, then writes split_811/), Gowalla and "
@@ -117,10 +126,38 @@ def build_parser():
     w.add_argument("--data-dir", default=None, help="target folder (default: $RCEKD_DATA)")
     w.add_argument("--force", action="store_true", help="download even when a verified copy exists")
     w.add_argument("--verify", action="store_true", help="only check the files already there")
-    c = sub.add_parser("collect", help="gather finished runs into a small results folder",
+    q = sub.add_parser("reproduce", help="the resumable queue of every run of the paper's Table 1 and ablations",
+                       description="Runs every run of the paper's Table 1 on one data set (teachers, scratch "
+                       "students, CD, RRD, DCD, HetComp, RCE-KD per pair) and the Figure 3 ablations, for each "
+                       "seed, in RUNS_DIR/<run>/seed_<s>. Finished runs are skipped and interrupted ones "
+                       "resumed: kill it at any moment and start the same command again. A student of seed s "
+                       "distils from the teacher of seed s. Progress: RUNS_DIR/reproduce.log.")
+    q.add_argument("--dataset", required=True)
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--runs-dir", required=True, help="where the runs live (e.g. runs/citeulike/table)")
+    q.add_argument("--data-dir", default=None)
+    q.add_argument("--list", action="store_true", help="print the plan with each run's state and exit")
+    q.add_argument("--only", nargs="+", default=None, metavar="GLOB",
+                   help="only the runs whose id (NAME/seed_S) or name matches, e.g. 'teacher-*' '*/seed_0'")
+    q.add_argument("--max-minutes-per-run", type=float, default=None, metavar="N",
+                   help="give each run at most N minutes per pass (it is resumed in the next pass)")
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--device", default=None)
+    q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key of every run (changes the results; for tests and trials)")
+    c = sub.add_parser("collect", help="gather finished runs into a small results folder (or the paper-layout "
+                       "report of a reproduce queue)",
                        description="Copies result.json, history.csv, curves.png and the config of finished runs "
-                       "into OUT/<run>/ and writes OUT/summary.{csv,json,md}; no checkpoints, no machine paths.")
-    c.add_argument("runs", nargs="+", help="run directories")
+                       "into OUT/<run>/ and writes OUT/summary.{csv,json,md}; no checkpoints, no machine paths. "
+                       "With --runs-dir (the folder of `rcekd reproduce`): the paper's Table 1 layout, mean ± std "
+                       "over seeds, the paper's values beside ours with the relative difference, a paired t-test "
+                       "of RCE-KD against the best baseline per pair, the ablation table and a bar plot "
+                       "(OUT/summary.{md,csv,json,png}, the runs' files in OUT/runs/).")
+    c.add_argument("runs", nargs="*", help="run directories")
+    c.add_argument("--runs-dir", default=None, help="the --runs-dir of `rcekd reproduce`: the paper-layout report")
+    c.add_argument("--dataset", default=None, help="with --runs-dir: the data set (the paper's values to compare)")
+    c.add_argument("--seeds", type=int, nargs="+", default=None, help="with --runs-dir: only these seeds")
+    c.add_argument("--no-copy", action="store_true", help="with --runs-dir: do not copy the runs' files")
     c.add_argument("--out", required=True, help="results folder, e.g. results/citeulike")
     return p
 
@@ -134,7 +171,8 @@ def _flags(a, student=False):
         f["train.progress"] = False
     if student:
         f.update({"kd.lambda": a.lam, "kd.K": a.K, "kd.M": a.M, "kd.L": a.L, "kd.tau": a.tau, "kd.T": a.T,
-                  "kd.beta": a.beta, "kd.mode": a.mode, "kd.refresh": a.refresh, "kd.reduction": a.reduction})
+                  "kd.beta": a.beta, "kd.mode": a.mode, "kd.refresh": a.refresh, "kd.reduction": a.reduction,
+                  "kd.variant": a.variant})
     return f
 
 
@@ -148,7 +186,9 @@ def _user_config(path):
 def cmd_train_teacher(a):
     from .config import resolve
     from .runs import run_seeds
-    cfg = resolve(a.dataset, "teacher", a.model, user_config=_user_config(a.config), sets=a.sets, flags=_flags(a))
+    flags = _flags(a)
+    flags["train.keep_every"] = a.keep_every
+    cfg = resolve(a.dataset, "teacher", a.model, user_config=_user_config(a.config), sets=a.sets, flags=flags)
     out = a.out or os.path.join("runs", cfg["dataset"], f"teacher-{a.model}")
     res = run_seeds(cfg, out, a.seeds, a.resume)
     print(json.dumps({k: res.get(k) for k in ("status", "best_epoch", "test") if k in res} if not a.seeds else
@@ -196,11 +236,12 @@ def cmd_evaluate(a):
     model = build_model(cfg["model"]["name"], data, **model_hparams(cfg))
     model.load_state_dict(saved["state"])
     model.to(a.device or cfg.get("device") or "cpu")
-    res = evaluate_model(model, data, tuple(a.ks), tuple(a.splits))
+    conv = a.convention or cfg.get("train", {}).get("metric_convention", "ours")
+    res = evaluate_model(model, data, tuple(a.ks), tuple(a.splits), convention=conv)
     if a.json:
-        print(json.dumps({"run": a.run, "epoch": saved.get("epoch"), **res}, indent=1))
+        print(json.dumps({"run": a.run, "epoch": saved.get("epoch"), "metric_convention": conv, **res}, indent=1))
     else:
-        print(f"{a.run} (best epoch {saved.get('epoch')})")
+        print(f"{a.run} (best epoch {saved.get('epoch')}, metrics averaged by the {conv!r} convention)")
         for split, ms in res.items():
             print(f"  {split:5s} " + "  ".join(f"{m} {v:.4f}" for m, v in ms.items()))
     return 0
@@ -223,10 +264,31 @@ def cmd_download(a):
 
 
 def cmd_collect(a):
-    from .report import collect
+    from .report import collect, table_report
+    if a.runs_dir:
+        if a.runs:
+            raise ValueError("give either run directories or --runs-dir, not both")
+        if not a.dataset:
+            raise ValueError("--runs-dir needs --dataset (whose paper values to put beside ours)")
+        rep = table_report(a.runs_dir, a.dataset, a.out, seeds=a.seeds, copy_runs=not a.no_copy)
+        print(f"report of {sum(r['n'] for e in rep['table1'].values() for r in e['rows'].values())} table "
+              f"run(s) (seeds {rep['seeds']}) in {a.out}/summary.md")
+        return 0
+    if not a.runs:
+        raise ValueError("give run directories, or --runs-dir DIR --dataset NAME")
     rows = collect(a.runs, a.out)
     print(f"collected {len(rows)} run(s) into {a.out}")
     return 0 if rows else 1
+
+
+def cmd_reproduce(a):
+    from .reproduce import Queue
+    q = Queue(a.dataset, a.seeds, a.runs_dir, data_dir=a.data_dir, only=a.only, threads=a.threads,
+              device=a.device, max_minutes_per_run=a.max_minutes_per_run, sets=a.sets)
+    if a.list:
+        print(q.listing())
+        return 0
+    return 0 if q.run() == 0 else 1
 
 
 def cmd_demo(a):
@@ -284,7 +346,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     fn = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd_distill, "evaluate": cmd_evaluate,
-          "download": cmd_download, "collect": cmd_collect}[a.command]
+          "download": cmd_download, "collect": cmd_collect, "reproduce": cmd_reproduce}[a.command]
     try:
         return fn(a)
     except (ValueError, FileNotFoundError) as e:

@@ -24,6 +24,11 @@ from typing import Any, Dict, Iterable, Optional
 import yaml
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+#: how a split's metrics are averaged over users (train.metric_convention):
+#:   ours    - the mean over the users that have items in the split;
+#:   authors - the authors' code: the sum over those users divided by all users (users without items in
+#:             the split count as zeros; on CiteULike valid = 0.8657 x ours, test unchanged)
+METRIC_CONVENTIONS = ("ours", "authors")
 RUN_KEYS = ("role", "dataset", "data", "data_dir", "seed", "device", "threads", "model", "train", "kd",
             "teacher_topk", "teacher_dir", "synthetic")
 
@@ -113,7 +118,11 @@ def resolve(dataset: str, role: str, model: str, *, kd_method: str = "none", tea
             cfg = merge(cfg, {"kd": source.get("kd", {}).get(kd_method, {})})
             pair = source.get("distill", {}).get(pair_key(teacher_model or model, model), {})
             cfg = merge(cfg, {k: v for k, v in pair.items() if k in ("train", "model")})
-            cfg = merge(cfg, {"kd": pair.get(kd_method, {})})
+            # a method's own section: its hyperparameters, and training settings of this method alone
+            # (the authors tune e.g. weight decay and batch size per method): "train:" / "model:" keys
+            spec_kd = dict(pair.get(kd_method) or {})
+            cfg = merge(cfg, {k: spec_kd.pop(k) for k in ("train", "model") if isinstance(spec_kd.get(k), dict)})
+            cfg = merge(cfg, {"kd": spec_kd})
         return cfg
 
     cfg = {"role": role, "dataset": dataset, "data_dir": None}
@@ -154,6 +163,16 @@ def check(cfg: Dict) -> None:
     for key in ("lr", "wd"):
         if not isinstance(t[key], (int, float)) or t[key] < 0:
             raise ValueError(f"train.{key} must be a non-negative number, got {t[key]!r}")
+    if t.get("metric_convention", "ours") not in METRIC_CONVENTIONS:
+        raise ValueError(f"train.metric_convention must be one of {list(METRIC_CONVENTIONS)}, "
+                         f"got {t.get('metric_convention')!r}")
+    keep = t.get("keep_every")
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        raise ValueError(f"train.keep_every must be a positive integer (epochs) or null, got {keep!r}")
+    epochs = t.get("keep_epochs") or []
+    if not isinstance(epochs, list) or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
+                                               for e in epochs):
+        raise ValueError(f"train.keep_epochs must be a list of positive epoch numbers, got {epochs!r}")
 
 
 def dump(cfg: Dict, path: str) -> None:

@@ -34,6 +34,7 @@ def run_one(cfg: Dict, out: str, resume: bool = False, log=None) -> Dict:
         kd_cfg = {k: v for k, v in cfg["kd"].items() if k not in ("method", "lambda")}
         need = build_kd(cfg["kd"]["method"], None, data, 0, **kd_cfg).topk_needed()
         teacher, _ = load_teacher(cfg["teacher_dir"], data, cfg.get("device") or "cpu", need)
+        teacher.run_dir = cfg["teacher_dir"]  # HetComp reads the teacher's kept trajectory there
     return Trainer(cfg, data, out, teacher, log=log).run(resume=resume)
 
 

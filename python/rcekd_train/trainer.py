@@ -11,7 +11,12 @@ Files in the run directory (``--out``):
                       times and metrics;
 * ``result.json``     the metrics of the best epoch, times, data statistics;
 * ``curves.png``      learning curves (when matplotlib is installed);
-* ``teacher_topk.pt`` (teachers) the cached top-K lists.
+* ``teacher_topk.pt`` (teachers) the cached top-K lists;
+* ``trajectory/epoch_<E>.pt`` the weights after epoch E (1-based) for every E that is a multiple of
+                      ``train.keep_every`` or listed in ``train.keep_epochs`` (the teacher's training
+                      trajectory, which HetComp distils): the same format as ``best_model.pt``, weights
+                      only (no optimizer or RNG state). Written before the epoch's ``checkpoint.pt``, so a
+                      resumed run never lacks one of its epochs (a rerun epoch rewrites the same file).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import torch
 from . import config as C
 from .evaluate import evaluate_model, metric_names
 from .kd import FrozenTeacher, build_kd, load_topk, save_topk, topk_from_vectors
+from .kd.teacher import TRAJECTORY_DIR, trajectory_path
 from .models import build_model
 
 IGNORED_ON_RESUME = {("train", "epochs"), ("train", "patience"), ("train", "progress"), ("train", "max_minutes"),
@@ -94,6 +100,12 @@ def config_differences(a: Dict, b: Dict):
         if fa.get(k) != fb.get(k):
             diffs.append((".".join(k), fa.get(k), fb.get(k)))
     return diffs
+
+
+def kept_epoch(train_cfg: Dict, epoch: int) -> bool:
+    """Whether the weights after ``epoch`` (1-based) belong to the kept trajectory."""
+    every = train_cfg.get("keep_every")
+    return bool(every and epoch % int(every) == 0) or epoch in (train_cfg.get("keep_epochs") or [])
 
 
 def load_teacher(teacher_dir: str, data, device="cpu", need_topk: int = 0) -> (FrozenTeacher, Dict):
@@ -195,6 +207,8 @@ class Trainer:
             random.setstate(ck["python_rng"])
             if ck.get("cuda_rng") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(ck["cuda_rng"])
+            if kd is not None and ck.get("kd_state"):
+                kd.load_state_dict(ck["kd_state"])  # methods with a curriculum (HetComp) continue it
             state = ck["state"]
             self.log(f"resumed {self.out} after epoch {state['epoch']}")
         if state["done"]:
@@ -254,7 +268,8 @@ class Trainer:
             row["time_train_s"] = t2 - t1
             improved = False
             if (epoch + 1) % int(t["eval_every"]) == 0 or epoch + 1 == int(t["epochs"]):
-                res = evaluate_model(model, self.data, self.ks, batch_size=int(t.get("eval_batch_size", 1024)))
+                res = evaluate_model(model, self.data, self.ks, batch_size=int(t.get("eval_batch_size", 1024)),
+                                     convention=t.get("metric_convention", "ours"))
                 for split, ms in res.items():
                     row.update({f"{split}_{m}": v for m, v in ms.items()})
                 cur = res["valid"][self.metric]
@@ -266,6 +281,11 @@ class Trainer:
                                   "data_fingerprint": self.data.fingerprint()}, self.path("best_model.pt"))
                 else:
                     state["bad"] += 1
+            if kept_epoch(t, epoch + 1):  # the training trajectory (before the checkpoint: resume-safe)
+                os.makedirs(self.path(TRAJECTORY_DIR), exist_ok=True)
+                _atomic_save({"model": cfg["model"]["name"], "hparams": model_hparams(cfg),
+                              "state": model.state_dict(), "epoch": epoch + 1,
+                              "data_fingerprint": self.data.fingerprint()}, trajectory_path(self.out, epoch + 1))
             row["time_eval_s"] = time.time() - t2
             row["time_epoch_s"] = time.time() - t0
             state["history"].append(row)
@@ -276,6 +296,7 @@ class Trainer:
             _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
                           "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
                           "python_rng": random.getstate(), "state": state,
+                          "kd_state": kd.state_dict() if kd is not None else None,
                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                          ckpt_path)
             self._write_history(state["history"])
@@ -322,6 +343,7 @@ class Trainer:
             "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
             "valid": {m: best_row.get(f"valid_{m}") for m in metric_names(self.ks)},
             "test": {m: best_row.get(f"test_{m}") for m in metric_names(self.ks)},
+            "metric_convention": cfg["train"].get("metric_convention", "ours"),
             "mean_epoch_time_s": float(np.mean([r["time_epoch_s"] for r in hist])) if hist else 0.0,
             "mean_train_time_s": float(np.mean([r["time_train_s"] for r in hist])) if hist else 0.0,
             "total_time_s": state["elapsed_s"],

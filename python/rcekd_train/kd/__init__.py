@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from .base import KDMethod, NoKD, gumbel_topk, mix_seed
 from .baselines import CD, DCD, RRD, VanillaCE, cd_rows, ce_rows, listwise_rows
+from .hetcomp import HetComp
 from .rcekd import RCEKD
 from .teacher import FrozenTeacher, load_topk, ranked_topk, save_topk, topk_from_vectors
 
-METHODS = {"none": NoKD, "rcekd": RCEKD, "ce": VanillaCE, "cd": CD, "rrd": RRD, "dcd": DCD}
+METHODS = {"none": NoKD, "rcekd": RCEKD, "ce": VanillaCE, "cd": CD, "rrd": RRD, "dcd": DCD, "hetcomp": HetComp}
 
-__all__ = ["METHODS", "build_kd", "KDMethod", "FrozenTeacher", "RCEKD", "VanillaCE", "CD", "RRD", "DCD", "NoKD",
-           "ce_rows", "cd_rows", "listwise_rows", "topk_from_vectors", "ranked_topk", "save_topk", "load_topk",
+__all__ = ["METHODS", "build_kd", "KDMethod", "FrozenTeacher", "RCEKD", "VanillaCE", "CD", "RRD", "DCD", "HetComp",
+           "NoKD", "ce_rows", "cd_rows", "listwise_rows", "topk_from_vectors", "ranked_topk", "save_topk", "load_topk",
            "gumbel_topk", "mix_seed"]
 
 

@@ -61,6 +61,15 @@ class KDMethod:
         self.teacher, self.data, self.seed = teacher, data, int(seed)
         self.epoch = 0
 
+    def state_dict(self) -> Dict:
+        """What a method carries from epoch to epoch beyond (seed, epoch) (saved in the trainer's checkpoint
+        so that a resumed run continues it); empty for every method whose draws only depend on the seed."""
+        return {}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state:
+            raise ValueError(f"kd method {self.name} keeps no state, got {sorted(state)}")
+
     def topk_needed(self) -> int:
         """How many of the teacher's top items per user the method reads from the cache."""
         return 0
@@ -81,12 +90,18 @@ class KDMethod:
         return True
 
     def batch_loss(self, users: Tensor, user_vecs: Tensor, item_vecs: Tensor, step: int) -> Tuple[Tensor, Dict]:
-        """The reduced KD loss of a batch (users may repeat; see ``dedup_users``)."""
-        if self.dedup_users():
+        """The reduced KD loss of a batch (users may repeat; see ``dedup_users``). With the hyperparameter
+        ``user_weight: one`` (the authors' RRD and DCD, which distil ``batch_user.unique()``) every distinct
+        user of the batch counts once instead of once per occurrence."""
+        uw = self.hp.get("user_weight", "count")
+        if uw not in ("count", "one"):
+            raise ValueError(f"kd {self.name}: user_weight must be 'count' or 'one', got {uw!r}")
+        if self.dedup_users() or uw == "one":
             uniq, inv, counts = torch.unique(users, return_inverse=True, return_counts=True)
             first = torch.full((len(uniq),), len(users), dtype=torch.long, device=users.device)
             first.scatter_reduce_(0, inv, torch.arange(len(users), device=users.device), reduce="amin")
-            w = counts.to(user_vecs.dtype)
+            w = counts.to(user_vecs.dtype) if uw == "count" else torch.ones(len(uniq), dtype=user_vecs.dtype,
+                                                                             device=users.device)
             rows, diag = self.rows(uniq, user_vecs[first], item_vecs, step, w)
         else:
             w = None  # one row per occurrence

@@ -17,8 +17,18 @@ L2 are batch means.
 ``mode`` is ``paper`` or ``official`` (see the loss spec). QT comes from the
 teacher's cached top-K. ``exclude_train`` removes the users' training items from the
 catalogue of the loss (the authors' code does not).
+
+``variant`` selects the method or one of the ablations of the paper's Figure 3 (defined in
+docs/KD_METHODS.md); every variant uses the same sets QS, A, QT of ``rcekd_kernels.select``:
+
+* ``full``: the method, (1 - gamma) L1 + gamma L2;
+* ``no_split`` ("w/o sep"): one CE over X = QT ∪ A (each item once), no split, no gamma;
+* ``l1_only`` ("w/o S", without the sampled subset): gamma = 0, i.e. L1 alone;
+* ``const_gamma`` ("w/ const"): gamma = the constant ``gamma`` for every user.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -26,11 +36,33 @@ from rcekd_kernels import Selection, rce_kd_loss, rce_kd_loss_gathered, select
 
 from .base import KDMethod, dot_all, dot_items, mix_seed
 
+VARIANTS = ("full", "no_split", "l1_only", "const_gamma")
+
+
+def masked_ce_rows(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """- sum_{j: mask} softmax_X(t / tau)_j log softmax_X(s / tau)_j per row, X = the columns where ``mask``
+    is True (at least one per row); the other columns get no weight and no gradient."""
+    neg = torch.finfo(s.dtype).min
+    logp_s = torch.log_softmax((s / tau).masked_fill(~mask, neg), dim=1)
+    p_t = torch.softmax((t / tau).masked_fill(~mask, neg), dim=1)
+    return -(p_t * logp_s.masked_fill(~mask, 0.0)).sum(1)
+
+
+@torch.no_grad()
+def qt_not_sampled(teacher_topk: torch.Tensor, sampled: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(B, K) bool: the teacher item is not among the row's sampled items A (so X = A + these)."""
+    out = []
+    for s in range(0, teacher_topk.shape[0], chunk):
+        qt, a = teacher_topk[s:s + chunk], sampled[s:s + chunk]
+        out.append(~(qt.unsqueeze(2) == a.unsqueeze(1)).any(2))
+    return torch.cat(out) if out else torch.zeros(teacher_topk.shape, dtype=torch.bool)
+
 
 class RCEKD(KDMethod):
     name = "rcekd"
     defaults = dict(K=50, M=None, L=50, tau=1.0, T=10.0, beta=3.0, mode="official", refresh="epoch",
-                    reduction="sum", exclude_train=False, chunk=1024, backend=None, validate="first")
+                    reduction="sum", exclude_train=False, variant="full", gamma=0.5, chunk=1024, backend=None,
+                    validate="first")
 
     def __init__(self, teacher, data, seed=0, **hp):
         super().__init__(teacher, data, seed, **hp)
@@ -39,6 +71,11 @@ class RCEKD(KDMethod):
             h["M"] = 2 * h["K"]
         if h["refresh"] not in ("epoch", "batch"):
             raise ValueError(f"rcekd: refresh must be 'epoch' or 'batch', got {h['refresh']!r}")
+        if h["variant"] not in VARIANTS:
+            raise ValueError(f"rcekd: variant must be one of {list(VARIANTS)}, got {h['variant']!r}")
+        if not isinstance(h["gamma"], (int, float)) or not 0.0 <= float(h["gamma"]) <= 1.0:
+            raise ValueError(f"rcekd: gamma (the constant of variant const_gamma) must be in [0, 1], "
+                             f"got {h['gamma']!r}")
         self.selection = None
         self._validated = False
 
@@ -84,6 +121,33 @@ class RCEKD(KDMethod):
         # every user are computed once here instead of in every batch
         all_users = torch.arange(self.data.num_users, device=uv.device)
         self.teacher_at_sel = self.teacher.score_items(all_users, self.selection.indices)
+        if self.hp["variant"] == "no_split":
+            self.x_mask = qt_not_sampled(sel.teacher_topk, sel.sampled)
+            self.epoch_diag = {"q1_frac": self.epoch_diag["q1_frac"]}  # no gamma in this variant
+        elif self.hp["variant"] != "full":
+            self.epoch_diag["gamma_adaptive"] = self.epoch_diag["gamma"]
+            self.epoch_diag["gamma"] = self._gamma(sel.gamma).float().mean()
+
+    def _gamma(self, adaptive: torch.Tensor) -> torch.Tensor:
+        """The weight of L2 the variant uses, from the adaptive one of the selection."""
+        v = self.hp["variant"]
+        if v == "l1_only":
+            return torch.zeros_like(adaptive)
+        if v == "const_gamma":
+            return torch.full_like(adaptive, float(self.hp["gamma"]))
+        return adaptive
+
+    def _variant_rows(self, s_g, t_g, sel, x_mask):
+        """Loss rows of the variant from scores gathered at sel.indices = [QS | A | QT]."""
+        h = self.hp
+        if h["variant"] == "no_split":
+            K = sel.K
+            mask = torch.cat([torch.ones_like(sel.sampled, dtype=torch.bool), x_mask], dim=1)
+            rows = masked_ce_rows(s_g[:, K:], t_g[:, K:], mask, float(h["tau"]))
+            return rows, {}
+        sel = dataclasses.replace(sel, gamma=self._gamma(sel.gamma))
+        return rce_kd_loss_gathered(s_g, t_g, sel, tau=float(h["tau"]), reduction="none", backend=h["backend"],
+                                    validate=False, return_diagnostics=True)
 
     def rows(self, users, user_vecs, item_vecs, step, weights):
         h = self.hp
@@ -91,10 +155,27 @@ class RCEKD(KDMethod):
             sel = self.selection[users]
             s_g = dot_items(user_vecs, item_vecs, sel.indices)
             t_g = self.teacher_at_sel[users]
-            # the scores come from the models (no data check: it would synchronise every step)
-            rows, diag = rce_kd_loss_gathered(s_g, t_g, sel, tau=float(h["tau"]), reduction="none",
-                                              backend=h["backend"], validate=False, return_diagnostics=True)
+            if h["variant"] == "full":
+                # the scores come from the models (no data check: it would synchronise every step)
+                rows, diag = rce_kd_loss_gathered(s_g, t_g, sel, tau=float(h["tau"]), reduction="none",
+                                                  backend=h["backend"], validate=False, return_diagnostics=True)
+            else:
+                rows, diag = self._variant_rows(s_g, t_g, sel, self.x_mask[users] if h["variant"] == "no_split"
+                                                else None)
             out = dict(self.epoch_diag)
+        elif h["variant"] != "full":
+            # the sets of this batch from the select API (the same seed and rows as the fused loss would use)
+            s = dot_all(user_vecs, item_vecs)
+            t = self.teacher.score_rows(users)
+            exclude = self.data.train_mask_rows(users) if h["exclude_train"] else None
+            sel = select(s.detach(), teacher_topk=self.teacher.topk(users, h["K"]), seed=mix_seed(self.seed, step, 2),
+                         row_ids=users, exclude=exclude, validate=self._validate(), **self._common())
+            idx = sel.indices
+            x_mask = qt_not_sampled(sel.teacher_topk, sel.sampled) if h["variant"] == "no_split" else None
+            rows, diag = self._variant_rows(s.gather(1, idx), t.gather(1, idx), sel, x_mask)
+            out = {"q1_frac": sel.n_q1.float().mean() / h["K"]}
+            if h["variant"] != "no_split":
+                out.update(gamma=diag["gamma"], gamma_adaptive=sel.gamma.float().mean())
         else:
             s = dot_all(user_vecs, item_vecs)
             t = self.teacher.score_rows(users)
@@ -104,5 +185,7 @@ class RCEKD(KDMethod):
                                      reduction="none", validate=self._validate(), return_diagnostics=True,
                                      **self._common())
             out = {"gamma": diag["gamma"], "q1_frac": diag["q1_frac"]}
-        out.update(L1=diag["L1"], L2=diag["L2"])  # detached 0-dim tensors: no host synchronisation
+        if "L1" in diag:
+            out.update(L1=diag["L1"], L2=diag["L2"])  # detached 0-dim tensors: no host synchronisation
         return rows, out
+

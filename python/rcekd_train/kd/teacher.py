@@ -35,6 +35,29 @@ def topk_from_vectors(user_vecs: Tensor, item_vecs: Tensor, K: int, data=None, c
     return torch.cat(out).to(torch.int32)
 
 
+TRAJECTORY_DIR = "trajectory"
+
+
+def trajectory_path(run_dir: str, epoch: int) -> str:
+    """Where a run keeps its weights after ``epoch`` (1-based; ``train.keep_every`` / ``keep_epochs``)."""
+    return os.path.join(run_dir, TRAJECTORY_DIR, f"epoch_{int(epoch):04d}.pt")
+
+
+def list_trajectory(run_dir: str):
+    """The kept epochs of a run and their files, ascending: [(epoch, path)]."""
+    d = os.path.join(run_dir, TRAJECTORY_DIR)
+    if not os.path.isdir(d):
+        return []
+    out = []
+    for f in os.listdir(d):
+        if f.startswith("epoch_") and f.endswith(".pt"):
+            try:
+                out.append((int(f[6:-3]), os.path.join(d, f)))
+            except ValueError:
+                continue
+    return sorted(out)
+
+
 def save_topk(path: str, topk: Tensor, meta: dict) -> None:
     tmp = path + ".tmp"
     torch.save({"topk": topk.to(torch.int32).cpu(), "meta": dict(meta)}, tmp)

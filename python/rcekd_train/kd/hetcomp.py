@@ -1,0 +1,268 @@
+"""HetComp: distillation from the teacher's training trajectory (Kang et al., "Distillation from
+Heterogeneous Models for Top-K Recommendation", WWW 2023), as defined in docs/KD_METHODS.md.
+
+The teacher's trajectory is a sequence of C ranking targets, easy to hard: the top-K lists (training
+items excluded) of C - 1 checkpoints kept while the teacher trained (``rcekd train-teacher --keep-every``)
+and of the final teacher. Each user u follows it at its own pace: its current target is pi^{v_u}.
+
+* Dynamic knowledge construction (every ``p`` epochs, from epoch p on, while the mean of v is below
+  C - 1): with sigma_u the student's top-K (training items excluded) and D(sigma, pi) = 1 - NDCG@K of
+  sigma with pi as the graded ground truth, the first check stores d_u = D(sigma_u, pi^{v_u + 1}); later
+  checks move u to its next target when the student has come closer to it fast enough, or has moved
+  away: with r = d_u / D(sigma_u, pi^{v_u + 1}) and the threshold alpha * decay^(epoch // p),
+  r > threshold or r < 1 -> v_u += 1 and d_u = D(sigma_u, pi^{min(v_u + 1, C - 1)}).
+* Adaptive knowledge transfer: while the mean of v (rounded to 2 decimals) is below C - 1 the loss is
+  the "overall" one (every target item and every observed item above the unobserved non-target items,
+  order free); afterwards the "ranking" one (Plackett-Luce of the observed items, of the first K/2 and
+  of the first K/10 target items, each above the unobserved items outside that prefix).
+
+Its per-user state (v, d, the stage) is carried in the trainer's checkpoint (``state_dict``), so a resumed
+run continues the same curriculum.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .base import KDMethod, dot_all
+from .teacher import list_trajectory, topk_from_vectors
+
+Tensor = torch.Tensor
+
+
+# --- formulas -------------------------------------------------------------------------------------------
+def ndcg_discrepancy(student_list: Tensor, target: Tensor, lam: float = 10.0,
+                     relevance: str = "teacher_rank") -> Tensor:
+    """D = 1 - NDCG@K per row of the student's list (B, K) against a target permutation (B, K).
+
+    ``teacher_rank``: item i of the target at rank r (0-based) has gain 2^{exp(-r / lam)} - 1, other items 0;
+    DCG = sum_t gain(student_list[t]) / log2(t + 2), IDCG = sum_{r < K} (2^{exp(-r / lam)} - 1) / log2(r + 2).
+    ``student_position`` (the authors' implementation): the gain of the student's t-th item is
+    2^{exp(-t / lam)} - 1 when it is anywhere in the target, else 0 (same IDCG)."""
+    B, K = student_list.shape
+    ranks = torch.arange(K, dtype=torch.float64, device=student_list.device)
+    gain_at = torch.pow(2.0, torch.exp(-ranks / lam)) - 1.0
+    disc = 1.0 / torch.log2(ranks + 2.0)
+    eq = student_list.unsqueeze(2) == target.unsqueeze(1)                    # (B, t, r)
+    present = eq.any(2)
+    if relevance == "teacher_rank":
+        r = eq.to(torch.int64).argmax(2)                                      # rank in the target
+        gains = torch.where(present, gain_at[r], torch.zeros((), dtype=torch.float64))
+    elif relevance == "student_position":
+        gains = present.to(torch.float64) * gain_at.unsqueeze(0)
+    else:
+        raise ValueError(f"hetcomp: relevance must be 'teacher_rank' or 'student_position', got {relevance!r}")
+    dcg = (gains * disc).sum(1)
+    idcg = (gain_at * disc).sum()
+    return 1.0 - dcg / idcg
+
+
+def _log_sum_outside(s: Tensor, excluded: Tensor) -> Tensor:
+    """log sum_{k not excluded} exp(s_k) per row (B,), from the complement directly (no cancellation)."""
+    return torch.logsumexp(s.masked_fill(excluded, float("-inf")), dim=1)
+
+
+def _pl_rows(ordered: Tensor, log_below: Tensor) -> Tensor:
+    """- sum_m [ o_m - log( sum_{m' >= m} exp(o_m') + exp(log_below) ) ] per row."""
+    suffix = torch.logcumsumexp(ordered.flip(1), dim=1).flip(1)
+    return -(ordered - torch.logaddexp(suffix, log_below.unsqueeze(1))).sum(1)
+
+
+def _mask_of(items: Tensor, N: int, base: Tensor) -> Tensor:
+    return base.clone().scatter_(1, items, True)
+
+
+def hetcomp_overall_rows(s: Tensor, train_mask: Tensor, targets: Tensor, pos: Tensor) -> Tensor:
+    """Overall stage: -2 sum_{x in pos ∪ targets} [ s_x - log( exp(s_x) + sum_{k unobserved, k not in targets}
+    exp(s_k) ) ] per row (s: the student's full rows (B, N))."""
+    log_els = _log_sum_outside(s, _mask_of(targets, s.shape[1], train_mask))
+    x = s.gather(1, torch.cat([pos, targets], dim=1))
+    return -2.0 * (x - torch.logaddexp(x, log_els.unsqueeze(1))).sum(1)
+
+
+def hetcomp_rank_rows(s: Tensor, train_mask: Tensor, targets: Tensor, pos: Tensor) -> Tensor:
+    """Ranking stage: PL(pos | below_half) + [PL(targets[:K/2] | below_half) + PL(targets[:K/10] | below_tenth)] / 2,
+    below_X = the unobserved items outside X (the targets' prefix)."""
+    K = targets.shape[1]
+    half, tenth = targets[:, :max(K // 2, 1)], targets[:, :max(K // 10, 1)]
+    log_half = _log_sum_outside(s, _mask_of(half, s.shape[1], train_mask))
+    log_tenth = _log_sum_outside(s, _mask_of(tenth, s.shape[1], train_mask))
+    pos_loss = _pl_rows(s.gather(1, pos), log_half)
+    top_loss = _pl_rows(s.gather(1, half), log_half) + _pl_rows(s.gather(1, tenth), log_tenth)
+    return pos_loss + top_loss / 2.0
+
+
+def choose_checkpoints(kept: List[int], best_epoch: int, n: int) -> List[int]:
+    """n kept epochs before the best one, spread over the training: for i = 1..n the kept epoch nearest to
+    best_epoch * i / (n + 1) (ties to the earlier), all distinct; ValueError when there are not enough."""
+    cand = sorted(e for e in kept if e < best_epoch)
+    if len(cand) < n:
+        raise ValueError(f"hetcomp needs {n} kept teacher checkpoints before its best epoch {best_epoch}, the "
+                         f"teacher run has {len(cand)} ({cand}); retrain it with a smaller --keep-every "
+                         f"(train.keep_every)")
+    chosen: List[int] = []
+    for i in range(1, n + 1):
+        goal = best_epoch * i / (n + 1)
+        free = [e for e in cand if e not in chosen and (not chosen or e > chosen[-1])]
+        # leave enough later checkpoints for the remaining picks
+        free = free[:len(free) - (n - i)] if n - i else free
+        chosen.append(min(free, key=lambda e: (abs(e - goal), e)))
+    return chosen
+
+
+# --- the method -----------------------------------------------------------------------------------------
+class HetComp(KDMethod):
+    name = "hetcomp"
+    defaults = dict(num_ckpt=3, K=50, p=10, alpha=1.05, alpha_decay=0.995, lam=10.0, relevance="teacher_rank",
+                    pos_order="teacher", num_pos=None, clamp=40.0, reduction="sum", chunk=1024)
+
+    def __init__(self, teacher, data, seed=0, **hp):
+        super().__init__(teacher, data, seed, **hp)
+        h = self.hp
+        if int(h["num_ckpt"]) < 1 or int(h["K"]) < 1 or int(h["p"]) < 1:
+            raise ValueError("hetcomp: num_ckpt, K and p must be positive integers")
+        if h["relevance"] not in ("teacher_rank", "student_position"):
+            raise ValueError(f"hetcomp: relevance must be 'teacher_rank' or 'student_position', "
+                             f"got {h['relevance']!r}")
+        if h["pos_order"] not in ("teacher", "data"):
+            raise ValueError(f"hetcomp: pos_order must be 'teacher' or 'data', got {h['pos_order']!r}")
+        U = data.num_users
+        self.v = torch.zeros(U, dtype=torch.long)
+        self.last_dist: Optional[Tensor] = None
+        self.is_first = True
+        self.v_result = 0.0
+        self.trajectory_epochs: List[int] = []
+        if teacher is not None:
+            self.perms = self._trajectory_targets()
+            self.pos = self._positives()
+
+    # --- the trajectory -----------------------------------------------------------------------------
+    def _teacher_dir(self) -> str:
+        d = getattr(self.teacher, "run_dir", None)
+        if not d:
+            raise ValueError("hetcomp needs the teacher's run directory (its kept trajectory): the teacher must "
+                             "be loaded from a train-teacher run (--teacher RUN_DIR)")
+        return d
+
+    @torch.no_grad()
+    def _trajectory_targets(self) -> Tensor:
+        """(C, U, K) int64: the top-K (training items excluded) of each chosen checkpoint, then of the
+        final (best) teacher."""
+        from ..models import build_model
+        h, d = self.hp, self._teacher_dir()
+        C = int(h["num_ckpt"])
+        best_epoch = _best_epoch(d)
+        kept = [e for e, _ in list_trajectory(d)]
+        epochs = choose_checkpoints(kept, best_epoch, C - 1) if C > 1 else []
+        paths = dict(list_trajectory(d))
+        perms = []
+        for e in epochs:
+            snap = torch.load(paths[e], map_location="cpu", weights_only=False)
+            if snap.get("data_fingerprint") not in (None, self.data.fingerprint()):
+                raise ValueError(f"{paths[e]} was trained on different data")
+            model = build_model(snap["model"], self.data, **snap["hparams"])
+            model.load_state_dict(snap["state"])
+            model.to(self.teacher.item_vecs.device)
+            model.eval()
+            u, i = model.represent_all()
+            perms.append(topk_from_vectors(u, i, int(h["K"]), data=self.data, chunk=int(h["chunk"])).long())
+            del model
+        perms.append(topk_from_vectors(self.teacher.user_vecs, self.teacher.item_vecs, int(h["K"]), data=self.data,
+                                       chunk=int(h["chunk"])).long())
+        self.trajectory_epochs = epochs + [best_epoch]
+        return torch.stack(perms)
+
+    @torch.no_grad()
+    def _positives(self) -> Tensor:
+        """(U, P) observed items per user: P = num_pos (default: the fewest training items of a user), the
+        user's training items ordered by the final teacher's score (``pos_order: teacher``) or in the data's
+        order (``data``, the authors' code), truncated to P."""
+        tr = self.data.train
+        lens = tr.lengths()
+        P = int(self.hp["num_pos"] or lens.min())
+        if P < 1 or P > lens.min():
+            raise ValueError(f"hetcomp: num_pos must be in [1, {lens.min()}] (the fewest training items of a "
+                             f"user), got {P}")
+        out = np.zeros((self.data.num_users, P), dtype=np.int64)
+        uv, iv = self.teacher.user_vecs.cpu(), self.teacher.item_vecs.cpu()
+        for u in range(self.data.num_users):
+            items = tr.items_of(u)
+            if self.hp["pos_order"] == "teacher":
+                sc = (iv[torch.from_numpy(items)] @ uv[u]).numpy()
+                items = items[np.argsort(-sc, kind="stable")]
+            out[u] = items[:P]
+        return torch.from_numpy(out).to(self.teacher.item_vecs.device)
+
+    # --- state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict:
+        return {"v": self.v.clone(), "last_dist": None if self.last_dist is None else self.last_dist.clone(),
+                "is_first": self.is_first, "v_result": self.v_result}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.v = state["v"].clone()
+        self.last_dist = None if state["last_dist"] is None else state["last_dist"].clone()
+        self.is_first, self.v_result = bool(state["is_first"]), float(state["v_result"])
+
+    # --- the epoch ----------------------------------------------------------------------------------------
+    def _D(self, sigma: Tensor, level: Tensor) -> Tensor:
+        U = sigma.shape[0]
+        target = self.perms[level.to(self.perms.device), torch.arange(U, device=self.perms.device)]
+        return ndcg_discrepancy(sigma, target.to(sigma.device), float(self.hp["lam"]), self.hp["relevance"]).cpu()
+
+    @torch.no_grad()
+    def dkc(self, sigma: Tensor, epoch: int) -> None:
+        """One check of the dynamic knowledge construction with the student's top-K lists ``sigma`` (U, K)."""
+        C = self.perms.shape[0]
+        nxt = (self.v + 1).clamp_max(C - 1)
+        if self.is_first:
+            self.last_dist = self._D(sigma, nxt)
+            self.is_first = False
+        else:
+            th = float(self.hp["alpha"]) * float(self.hp["alpha_decay"]) ** (epoch // int(self.hp["p"]))
+            active = self.v < C - 1
+            d_next = self._D(sigma, nxt)
+            ratio = torch.where(d_next > 0, self.last_dist / d_next.clamp_min(1e-300),
+                                torch.full_like(d_next, math.inf))
+            move = active & ((ratio > th) | (ratio < 1))
+            self.v = torch.where(move, self.v + 1, self.v)
+            after = self._D(sigma, (self.v + 1).clamp_max(C - 1))
+            self.last_dist = torch.where(move, after, self.last_dist)
+        self.v_result = round(float(self.v.double().mean()), 2)
+
+    @torch.no_grad()
+    def on_epoch_start(self, student, epoch):
+        super().on_epoch_start(student, epoch)
+        C, p = self.perms.shape[0], int(self.hp["p"])
+        if epoch % p == 0 and epoch >= p and self.v_result < C - 1:
+            uv, iv = self.student_vectors(student)
+            sigma = topk_from_vectors(uv, iv, int(self.hp["K"]), data=self.data, chunk=int(self.hp["chunk"])).long()
+            self.dkc(sigma, epoch)
+        U = self.data.num_users
+        self.targets = self.perms[self.v.to(self.perms.device), torch.arange(U, device=self.perms.device)]
+        self.rank_stage = self.v_result >= C - 1
+        dev = self.perms.device
+        self.epoch_diag = {"traj_level": torch.tensor(self.v_result, device=dev),
+                           "rank_stage": torch.tensor(float(self.rank_stage), device=dev)}
+
+    def rows(self, users, user_vecs, item_vecs, step, weights):
+        c = float(self.hp["clamp"])
+        s = dot_all(user_vecs, item_vecs).clamp(-c, c)  # as the authors' code (keeps exp finite)
+        mask = self.data.train_mask_rows(users)
+        fn = hetcomp_rank_rows if self.rank_stage else hetcomp_overall_rows
+        return fn(s, mask, self.targets[users], self.pos[users]), dict(self.epoch_diag)
+
+
+def _best_epoch(run_dir: str) -> int:
+    res = os.path.join(run_dir, "result.json")
+    if os.path.exists(res):
+        with open(res) as f:
+            return int(json.load(f)["best_epoch"])
+    best = os.path.join(run_dir, "best_model.pt")
+    if not os.path.exists(best):
+        raise FileNotFoundError(f"{best} not found: is {run_dir} a finished train-teacher run?")
+    return int(torch.load(best, map_location="cpu", weights_only=False)["epoch"])

@@ -1,0 +1,121 @@
+"""The resumable run queue (rcekd reproduce): plan, states, time-sliced passes, restart, dependencies."""
+import io
+import json
+import os
+
+import pytest
+
+from rcekd_train.cli import main
+from rcekd_train.reproduce import Queue, plan, run_config, run_state, select_runs
+from rcekd_train.runs import run_one
+
+TINY = ["data.num_users=120", "data.num_items=90", "data.mean_items=12", "data.min_items=5", "data.max_items=40",
+        "train.epochs=2", "train.plot=false", "teacher_topk=40", "model.dim=8", "kd.K=5", "kd.M=15", "kd.L=5",
+        "train.batch_size=256"]
+
+
+def test_plan_order_and_dependencies():
+    runs = plan([0, 1], methods_available=["cd", "rrd", "dcd", "rcekd", "hetcomp"])
+    ids = [r.id for r in runs]
+    assert len(set(ids)) == len(ids)
+    per_seed = [r for r in runs if r.seed == 0]
+    # issue 14 item 2: the rows of Table 1, and item 3: the ablations (MF->MF)
+    names = {r.name for r in per_seed}
+    assert names >= {"teacher-mf", "teacher-lightgcn", "teacher-hstu", "student-mf", "student-lightgcn",
+                     "student-hstu", "cd-mf-mf", "rrd-mf-mf", "dcd-mf-mf", "hetcomp-mf-mf", "rcekd-mf-mf",
+                     "rcekd-lightgcn-lightgcn", "dcd-hstu-hstu", "rcekd-hstu-hstu", "rcekd-lightgcn-mf",
+                     "rcekd-hstu-mf", "rcekd_no_split-mf-mf", "rcekd_l1_only-mf-mf", "rcekd_const_gamma-mf-mf",
+                     "rcekd_paper-mf-mf", "rcekd_batch-mf-mf"}
+    assert len(per_seed) == len(names) == 21
+    for i, r in enumerate(runs):
+        if r.teacher_id:  # the teacher of the same seed, earlier in the plan
+            assert r.teacher_id in ids[:i] and r.teacher_id.endswith(f"seed_{r.seed}")
+    assert all(r.seed == 0 for r in runs[:21])  # the whole table of seed 0 first
+    assert [r.id for r in select_runs(runs, ["teacher-*/seed_1"])] == \
+        ["teacher-mf/seed_1", "teacher-lightgcn/seed_1", "teacher-hstu/seed_1"]
+
+
+def test_queue_time_sliced_restart_and_listing(tmp_path):
+    runs_dir = str(tmp_path / "q")
+    only = ["teacher-mf", "student-mf", "rcekd-mf-mf", "rcekd_l1_only-mf-mf"]
+    buf = io.StringIO()
+    # one epoch per run and pass (time limit 0): every run is resumed in a later pass until done
+    q = Queue("synthetic", [0], runs_dir, only=only, max_minutes_per_run=0, sets=TINY, out=buf)
+    assert [r.id for r in q.runs] == ["teacher-mf/seed_0", "student-mf/seed_0", "rcekd-mf-mf/seed_0",
+                                      "rcekd_l1_only-mf-mf/seed_0"]
+    assert q.run() == 0
+    for r in q.runs:
+        assert run_state(r.out(runs_dir))[0] == "done"
+        res = json.load(open(os.path.join(r.out(runs_dir), "result.json")))
+        assert res["epochs_run"] == 2 and res["seed"] == 0
+        assert os.path.exists(os.path.join(r.out(runs_dir), "train.log"))
+    log = open(os.path.join(runs_dir, "reproduce.log")).read()
+    assert "time_limit" in log and "all 4 runs done" in log
+    cfg = open(os.path.join(runs_dir, "rcekd_l1_only-mf-mf", "seed_0", "config.yaml")).read()
+    assert "variant: l1_only" in cfg and "teacher-mf/seed_0" in cfg
+    # the MF teacher keeps its trajectory for HetComp (every 10 epochs; these teachers ran 2)
+    assert "keep_every: 10" in open(os.path.join(runs_dir, "teacher-mf", "seed_0", "config.yaml")).read()
+    # the same result as one uninterrupted run of the same config
+    ref = str(tmp_path / "ref")
+    q2 = Queue("synthetic", [0], ref, only=only, sets=TINY, out=io.StringIO())
+    assert q2.run() == 0
+    for r in q.runs:
+        a = json.load(open(os.path.join(r.out(runs_dir), "result.json")))
+        b = json.load(open(os.path.join(r.out(ref), "result.json")))
+        assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"], r.id
+    # restarting a finished queue does nothing
+    before = os.path.getmtime(os.path.join(runs_dir, "rcekd-mf-mf", "seed_0", "result.json"))
+    assert Queue("synthetic", [0], runs_dir, only=only, sets=TINY, out=io.StringIO()).run() == 0
+    assert os.path.getmtime(os.path.join(runs_dir, "rcekd-mf-mf", "seed_0", "result.json")) == before
+    listing = q.listing()
+    assert listing.count(" done ") == 4 and "todo" not in listing
+
+
+def test_queue_states_and_blocked_students(tmp_path, capsys):
+    runs_dir = str(tmp_path / "q")
+    # a student whose teacher is not selected and not done waits; nothing else runs
+    q = Queue("synthetic", [3], runs_dir, only=["rcekd-mf-mf"], sets=TINY, out=io.StringIO())
+    assert q.run() == 1
+    assert "its teacher teacher-mf/seed_3 is not done and is not selected" in \
+        open(os.path.join(runs_dir, "reproduce.log")).read()
+    # a partial run (interrupted after one epoch) is listed as partial, and resumed by the queue
+    args = ["reproduce", "--dataset", "synthetic", "--seeds", "3", "--runs-dir", runs_dir, "--only", "teacher-mf"]
+    for s in TINY:
+        args += ["--set", s]
+    q = Queue("synthetic", [3], runs_dir, only=["teacher-mf"], sets=TINY, out=io.StringIO())
+    r = q.runs[0]
+    cfg = run_config(r, "synthetic", runs_dir, None, 1, None, None, TINY)
+    run_one(dict(cfg, train=dict(cfg["train"], stop_after=1)), r.out(runs_dir), log=lambda m: None)  # "killed"
+    assert run_state(os.path.join(runs_dir, "teacher-mf", "seed_3"))[0] == "partial"
+    assert main(args + ["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "partial  teacher-mf/seed_3" in out and "1 epochs" in out
+    assert main(args) == 0
+    assert run_state(os.path.join(runs_dir, "teacher-mf", "seed_3"))[0] == "done"
+    with pytest.raises(ValueError, match="matches no run"):
+        Queue("synthetic", [3], runs_dir, only=["nothing*"])
+
+
+def test_queues_share_a_runs_dir_through_run_locks(tmp_path):
+    runs_dir = str(tmp_path / "q")
+    out = os.path.join(runs_dir, "teacher-mf", "seed_0")
+    os.makedirs(out)
+    with open(os.path.join(out, ".run.lock"), "w") as f:
+        f.write(str(os.getppid()))  # a live process that is not this one is training it
+    buf = io.StringIO()
+    q = Queue("synthetic", [0], runs_dir, only=["teacher-mf", "student-mf", "rcekd-mf-mf"], sets=TINY, out=buf,
+              wait_s=None)
+    assert q.run() == 2          # the held teacher and its student are left; the scratch student runs
+    log = open(os.path.join(runs_dir, "reproduce.log")).read()
+    assert "skip   teacher-mf/seed_0: another queue is running it" in log
+    assert "its teacher teacher-mf/seed_0 is being trained by another queue" in log
+    assert run_state(os.path.join(runs_dir, "student-mf", "seed_0"))[0] == "done"
+    assert not os.path.exists(os.path.join(runs_dir, "student-mf", "seed_0", ".run.lock"))  # released
+    with open(os.path.join(out, ".run.lock"), "w") as f:
+        f.write(f"{os.getppid()} 1")  # a live pid that started at another time: a reused pid, a stale lock
+    from rcekd_train.reproduce import _held_by_other
+    assert not _held_by_other(out)
+    with open(os.path.join(out, ".run.lock"), "w") as f:
+        f.write("999999999")  # a dead process: its lock is taken over
+    assert Queue("synthetic", [0], runs_dir, only=["teacher-mf", "rcekd-mf-mf"], sets=TINY, out=io.StringIO(),
+                 wait_s=None).run() == 0
