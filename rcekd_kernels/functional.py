@@ -342,7 +342,8 @@ class RCEKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, teacher_topk, exclude, row_ids, *args):
         cfg, seed, backend, validate = _function_args(args)
-        _checks.check_types(dict(s=s, t=t, row_ids=row_ids), dict(teacher_topk=teacher_topk, exclude=exclude))
+        _checks.check_types(dict(student_scores=s, teacher_scores=t, row_ids=row_ids),
+                            dict(teacher_topk=teacher_topk, exclude=exclude))
         name = requested(backend)
         out = ops.fused_fwd(s, t, teacher_topk, exclude, row_ids, *ops.flatten(cfg), seed, name, validate)
         ops.save_fused(ctx, s, t, out, cfg, name)

@@ -71,8 +71,8 @@ def select(s: Tensor, t: Optional[Tensor], teacher_topk: Optional[Tensor], exclu
     if teacher_topk is None:
         assert t is not None, "the checks require teacher scores when teacher_topk is not given"
         qt = ranked_topk(t, K, exclude)
-    else:
-        qt = teacher_topk
+    else:  # checked when validate=True; otherwise an id outside [0, N) is clamped into it (docs/LOSS.md)
+        qt = teacher_topk.clamp(0, s.shape[1] - 1)
     pos_t = _positions(pool, qt)  # (B, K): pool position, M when outside
     c = pool_counts(pos_t, K, M, cfg.mode)
     key = rng.sampling_keys(c, cfg.T, seed, row_ids, pool)
@@ -135,10 +135,13 @@ def fused_fwd(s: Tensor, t: Tensor, teacher_topk: Optional[Tensor], exclude: Opt
 
 def fused_bwd(grad_rows: Tensor, s: Tensor, t: Tensor, idx: Tensor, q2_mask: Tensor, gamma: Tensor,
               cfg: RCEKDConfig) -> Tensor:
-    """Dense gradient (B, N) in the dtype of s: zero except at the gathered ids."""
+    """Dense gradient (B, N) in the dtype of s: zero except at the gathered ids. An id outside
+    [0, N) (only in a direct call with a made-up idx) reads item 0 and gets no gradient."""
+    ok = (idx >= 0) & (idx < s.shape[1])
+    idx = torch.where(ok, idx, 0)
     g = subset_ce_bwd(grad_rows, s.gather(1, idx), t.gather(1, idx), q2_mask, gamma, cfg)
     out = torch.zeros(s.shape, dtype=g.dtype, device=s.device)
-    out.scatter_add_(1, idx, g)  # QS and A may share items: their parts add up
+    out.scatter_add_(1, idx, torch.where(ok, g, 0.0))  # QS and A may share items: their parts add up
     return out.to(s.dtype)
 
 

@@ -155,6 +155,18 @@ def split_f64(x: float):
 
 
 @triton.jit
+def load_f32(ptrs, mask):
+    """Scores at ``ptrs`` as float32 (0 where ``mask`` is false). bfloat16 is widened through its
+    bits, exactly as the hardware does: Triton's interpreter flushes bfloat16 subnormals when it
+    converts them, and subnormal scores must rank as in the reference everywhere."""
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        b = tl.load(ptrs.to(tl.pointer_type(tl.int16)), mask=mask, other=0)
+        return (b.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def ord_key(x):
     """Order-preserving uint32 image of float32 x; -0.0 is mapped as +0.0. Bit operations only:
     a float comparison would flush subnormal scores to zero where the GPU flushes denormals."""

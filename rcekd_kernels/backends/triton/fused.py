@@ -41,12 +41,12 @@ def _fused_rows_kernel(s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, ex_ptr, ex_s0, ex_s
     qs_m = lm < K
     a_m = lm < L
     a_g = tl.where(a_m, a_item, 0)
-    xs = tl.load(s_row + p_item * s_s1, mask=qs_m, other=0.0).to(tl.float32) / tau
-    ys = tl.load(t_row + p_item * t_s1, mask=qs_m, other=0.0).to(tl.float32) / tau
-    xa = tl.load(s_row + a_g * s_s1, mask=a_m, other=0.0).to(tl.float32) / tau
-    ya = tl.load(t_row + a_g * t_s1, mask=a_m, other=0.0).to(tl.float32) / tau
+    xs = C.load_f32(s_row + p_item * s_s1, qs_m) / tau
+    ys = C.load_f32(t_row + p_item * t_s1, qs_m) / tau
+    xa = C.load_f32(s_row + a_g * s_s1, a_m) / tau
+    ya = C.load_f32(t_row + a_g * t_s1, a_m) / tau
     xq = sq / tau
-    yq = tl.load(t_row + qt * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
+    yq = C.load_f32(t_row + qt * t_s1, kv) / tau
     l1, _mx1, _sx1, _my1, _sy1 = ce_one(xs, ys, qs_m)
     l2, _mx2, _sx2, _my2, _sy2 = ce_two(xa, ya, a_m, xq, yq, q2)
     n = tl.where(paper != 0, n_q1, n_qa)
@@ -110,12 +110,12 @@ def _fused_bwd_kernel(gr_ptr, gr_s0, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, idx_p
     qs_r = tl.where(ok_qs, qs, 0)
     a_r = tl.where(ok_a, a, 0)
     qt_r = tl.where(ok_qt, qt, 0)
-    xs = tl.load(s_row + qs_r * s_s1, mask=kv, other=0.0).to(tl.float32) / tau
-    ys = tl.load(t_row + qs_r * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
-    xa = tl.load(s_row + a_r * s_s1, mask=lv, other=0.0).to(tl.float32) / tau
-    ya = tl.load(t_row + a_r * t_s1, mask=lv, other=0.0).to(tl.float32) / tau
-    xq = tl.load(s_row + qt_r * s_s1, mask=mq, other=0.0).to(tl.float32) / tau
-    yq = tl.load(t_row + qt_r * t_s1, mask=mq, other=0.0).to(tl.float32) / tau
+    xs = C.load_f32(s_row + qs_r * s_s1, kv) / tau
+    ys = C.load_f32(t_row + qs_r * t_s1, kv) / tau
+    xa = C.load_f32(s_row + a_r * s_s1, lv) / tau
+    ya = C.load_f32(t_row + a_r * t_s1, lv) / tau
+    xq = C.load_f32(s_row + qt_r * s_s1, mq) / tau
+    yq = C.load_f32(t_row + qt_r * t_s1, mq) / tau
     _l1, mx1, sx1, my1, sy1 = ce_one(xs, ys, kv)
     _l2, mx2, sx2, my2, sy2 = ce_two(xa, ya, lv, xq, yq, mq)
     gamma = tl.load(gam_ptr + row * gam_s0).to(tl.float32)

@@ -56,7 +56,7 @@ def _chunk_top_kernel(src_ptr, src_s0, src_s1, ex_ptr, ex_s0, ex_s1, out_ptr, n_
         key = tl.load(src_ptr + row64 * src_s0 + cols, mask=inb, other=0).to(tl.uint64, bitcast=True)
         hi = key_hi(key)
     else:
-        x = tl.load(src_ptr + row64 * src_s0 + cols * src_s1, mask=inb, other=0.0).to(tl.float32)
+        x = C.load_f32(src_ptr + row64 * src_s0 + cols * src_s1, inb)
         valid = inb
         if HAS_EX:
             e = tl.load(ex_ptr + row64 * ex_s0 + cols * ex_s1, mask=inb, other=1)
@@ -132,11 +132,11 @@ def row_sets(row64, s_ptr, s_s0, s_s1, ex_ptr, ex_s0, ex_s1, pool_ptr, tq_ptr, t
     qt = tl.where(kv, qt, 0)
 
     # ---- student key of each QT item; its pool position by binary search
-    sq = tl.load(s_row + qt * s_s1, mask=kv, other=0.0).to(tl.float32)
+    sq = C.load_f32(s_row + qt * s_s1, kv)
     kq = composite(ord_key(sq), qt)
     if has_ex != 0:
         eq = tl.load(ex_ptr + row64 * ex_s0 + qt * ex_s1, mask=kv, other=0)
-        kq = tl.where(eq != 0, 0, kq)
+        kq = tl.where(eq != 0, composite(tl.zeros_like(ord_key(sq)), qt), kq)  # as in phase 1
     scr = scr_ptr + row64 * BLOCK_M
     mark = mark_ptr + row64 * BLOCK_M
     tl.store(scr + lm, pk.to(tl.int64, bitcast=True))

@@ -69,12 +69,12 @@ def _gathered_ce(row, s_ptr, s_s0, s_s1, t_ptr, t_s0, t_s1, q2_ptr, q2_s0, q2_s1
     c_qt = (K + L + lk).to(tl.int64)
     srow = s_ptr + row * s_s0
     trow = t_ptr + row * t_s0
-    xs = tl.load(srow + c_qs * s_s1, mask=kv, other=0.0).to(tl.float32) / tau
-    ys = tl.load(trow + c_qs * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
-    xa = tl.load(srow + c_a * s_s1, mask=lv, other=0.0).to(tl.float32) / tau
-    ya = tl.load(trow + c_a * t_s1, mask=lv, other=0.0).to(tl.float32) / tau
-    xq = tl.load(srow + c_qt * s_s1, mask=kv, other=0.0).to(tl.float32) / tau
-    yq = tl.load(trow + c_qt * t_s1, mask=kv, other=0.0).to(tl.float32) / tau
+    xs = C.load_f32(srow + c_qs * s_s1, kv) / tau
+    ys = C.load_f32(trow + c_qs * t_s1, kv) / tau
+    xa = C.load_f32(srow + c_a * s_s1, lv) / tau
+    ya = C.load_f32(trow + c_a * t_s1, lv) / tau
+    xq = C.load_f32(srow + c_qt * s_s1, kv) / tau
+    yq = C.load_f32(trow + c_qt * t_s1, kv) / tau
     mq = kv & (tl.load(q2_ptr + row * q2_s0 + c_qs * q2_s1, mask=kv, other=0) != 0)
     l1, mx1, sx1, my1, sy1 = ce_one(xs, ys, kv)
     l2, mx2, sx2, my2, sy2 = ce_two(xa, ya, lv, xq, yq, mq)
