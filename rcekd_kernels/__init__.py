@@ -6,13 +6,14 @@ from .backends import available_backends
 from .backends import describe as describe_backends
 from .backends.native import build_info
 from .config import RCEKDConfig
-from .functional import RCEKDFunction, Selection, rce_kd_loss, rce_kd_loss_gathered, select
+from .functional import RCEKDFunction, Selection, rce_kd_loss, rce_kd_loss_gathered, select, select_from_pool
 from .gathered import gathered_dot
 from .modules import RCEKDLoss
 
 __all__ = [
     "rce_kd_loss",
     "select",
+    "select_from_pool",
     "rce_kd_loss_gathered",
     "gathered_dot",
     "Selection",

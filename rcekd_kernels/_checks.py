@@ -141,6 +141,33 @@ def check_dense(s, t, teacher_topk, exclude, row_ids, cfg: RCEKDConfig, *, valid
                 raise ValueError(f"teacher_topk holds an id that exclude marks in row {row}")
 
 
+def check_pool(pool, qt, row_ids, cfg: RCEKDConfig, *, validate: bool) -> None:
+    """Checks of ``sets_from_pool``: a pool (B, M) of item ids in student order and QT (B, K);
+    with ``validate`` the ids are read: >= 0 and unique per row (one pass, a synchronisation)."""
+    check_types(dict(pool=pool, teacher_topk=qt, row_ids=row_ids))
+    if pool.dtype != torch.int64 or pool.dim() != 2 or pool.shape[1] != cfg.m:
+        raise ValueError(f"pool must be int64 of shape (B, M) with M = {cfg.m}, got {pool.dtype} {tuple(pool.shape)}")
+    B = pool.shape[0]
+    if qt.dtype != torch.int64 or qt.shape != (B, cfg.K):
+        raise ValueError(f"teacher_topk must be int64 of shape (B, K) = ({B}, {cfg.K}), got {qt.dtype} "
+                         f"{tuple(qt.shape)}")
+    if row_ids.dtype.is_floating_point or row_ids.dtype.is_complex or row_ids.dtype == torch.bool:
+        raise TypeError(f"row_ids must have an integer dtype, got {row_ids.dtype}")
+    if row_ids.shape != (B,):
+        raise ValueError(f"row_ids must have shape (B,) = ({B},), got {tuple(row_ids.shape)}")
+    for name, x in (("teacher_topk", qt), ("row_ids", row_ids)):
+        _check_device(name, x, pool.device)
+    if not validate or B == 0:
+        return
+    for name, x in (("pool", pool), ("teacher_topk", qt)):
+        if int(x.min()) < 0:
+            raise ValueError(f"{name} holds a negative id (a row with fewer than M eligible items?)")
+        srt = torch.sort(x, dim=1).values
+        dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+        if bool(dup.any()):
+            raise ValueError(f"{name} has a repeated id in row {int(dup.nonzero()[0, 0])}; ids must be unique per row")
+
+
 def check_gathered(s_g, t_g, q2_mask, gamma, cfg: RCEKDConfig, *, grad_rows=None, validate: bool = False) -> None:
     """Checks the arguments of the loss on gathered scores (B, 2K + L) (and of its backward,
     with ``grad_rows``); with ``validate`` also the data: the scores' range (as the dense loss)

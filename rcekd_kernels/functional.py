@@ -25,7 +25,7 @@ from .spec import gamma_from_counts
 
 Tensor = torch.Tensor
 
-__all__ = ["rce_kd_loss", "select", "rce_kd_loss_gathered", "Selection", "RCEKDFunction"]
+__all__ = ["rce_kd_loss", "select", "select_from_pool", "rce_kd_loss_gathered", "Selection", "RCEKDFunction"]
 
 _SEED_MOD = 1 << 32
 
@@ -262,6 +262,46 @@ def select(
     s = student_scores.detach()
     t = teacher_scores.detach() if isinstance(teacher_scores, Tensor) else teacher_scores
     idx, q2, counts = ops.select(s, t, teacher_topk, exclude, rows, *ops.flatten(cfg), seed, name, bool(validate))
+    gamma = gamma_from_counts(counts, cfg.beta, cfg.K, cfg.mode)
+    return Selection(idx, q2, gamma, counts[:, 0], counts[:, 1], cfg)
+
+
+@torch.no_grad()
+def select_from_pool(
+    pool: Tensor,
+    teacher_topk: Tensor,
+    *,
+    config: Optional[RCEKDConfig] = None,
+    K: Optional[int] = None,
+    M: Optional[int] = None,
+    L: Optional[int] = None,
+    tau: Optional[float] = None,
+    T: Optional[float] = None,
+    beta: Optional[float] = None,
+    mode: Optional[str] = None,
+    seed: int = 0,
+    row_ids: Optional[Tensor] = None,
+    backend: Optional[str] = None,
+    validate: bool = True,
+) -> Selection:
+    """The sets of RCE-KD from a pool that was ranked elsewhere: ``pool`` (B, M) int64, each row's
+    first M items in the student's ranking order (larger score first, ties to the smaller id),
+    and ``teacher_topk`` (B, K) int64. The same sets as :func:`select` on the dense rows whose
+    rankings these are: the step after the rankings, for a top-M computed from embeddings, by an
+    approximate index or across processes. No score is read.
+
+    Example::
+
+        >>> s = torch.randn(4, 1000); qt = torch.topk(torch.randn(4, 1000), 10).indices
+        >>> pool = torch.topk(s, 20).indices   # (no ties here: topk's order is the ranking order)
+        >>> sel = select_from_pool(pool, qt, K=10, M=20, L=10, seed=0)
+    """
+    cfg = RCEKDConfig.from_kwargs(config, K=K, M=M, L=L, tau=tau, T=T, beta=beta, mode=mode)
+    seed = _seed(seed)
+    name = requested(backend, "sets_from_pool")
+    _checks.check_types(dict(pool=pool, teacher_topk=teacher_topk), dict(row_ids=row_ids))
+    rows = _row_ids(row_ids, pool)
+    idx, q2, counts = ops.sets_from_pool(pool, teacher_topk, rows, *ops.flatten(cfg), seed, name, bool(validate))
     gamma = gamma_from_counts(counts, cfg.beta, cfg.K, cfg.mode)
     return Selection(idx, q2, gamma, counts[:, 0], counts[:, 1], cfg)
 

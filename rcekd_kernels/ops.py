@@ -3,6 +3,7 @@
 Seven ops, the ops of :mod:`rcekd_kernels.backends.base`::
 
     rcekd::select            (dense rows) -> idx, q2_mask, counts       no gradient
+    rcekd::sets_from_pool    (pool, QT) -> idx, q2_mask, counts         no gradient
     rcekd::subset_ce_fwd     (gathered scores, sets) -> loss rows       autograd -> subset_ce_bwd
     rcekd::subset_ce_bwd
     rcekd::fused_fwd         (dense rows) -> loss rows, stats, sets     autograd -> fused_bwd
@@ -38,7 +39,7 @@ from .spec import compute_dtype
 
 Tensor = torch.Tensor
 
-__all__ = ["HPARAMS", "flatten", "unflatten", "N_STATS", "select", "subset_ce_fwd", "subset_ce_bwd",
+__all__ = ["HPARAMS", "flatten", "unflatten", "N_STATS", "select", "sets_from_pool", "subset_ce_fwd", "subset_ce_bwd",
            "fused_fwd", "fused_bwd", "gathered_dot", "gathered_dot_bwd", "save_fused", "fused_grad"]
 
 #: The one table of the hyperparameters in the ops' schemas: (field of RCEKDConfig, schema type),
@@ -107,6 +108,27 @@ select = _define(
     "select",
     f"(Tensor s, Tensor? t, Tensor? teacher_topk, Tensor? exclude, Tensor row_ids, {_HP_SCHEMA}, int seed, "
     f"str backend, bool validate) -> (Tensor, Tensor, Tensor)", _select_impl, _select_fake)
+
+
+def _pool_impl(pool, qt, row_ids, *rest):
+    cfg, (seed, backend, validate) = _cfg(rest)
+    _checks.check_pool(pool, qt, row_ids, cfg, validate=validate)
+    if pool.shape[0] == 0:
+        return _select_empty(pool, cfg)
+    impl = resolve(backend, Call("sets_from_pool", pool.device.type, (torch.float32,), cfg, 0))
+    return impl.sets_from_pool(pool, qt, row_ids, cfg, seed)
+
+
+def _pool_fake(pool, qt, row_ids, *rest):
+    cfg, _ = _cfg(rest)
+    _checks.check_pool(pool, qt, row_ids, cfg, validate=False)
+    return _select_empty(pool, cfg)
+
+
+sets_from_pool = _define(
+    "sets_from_pool",
+    f"(Tensor pool, Tensor teacher_topk, Tensor row_ids, {_HP_SCHEMA}, int seed, str backend, bool validate) "
+    f"-> (Tensor, Tensor, Tensor)", _pool_impl, _pool_fake)
 
 
 # ---------------------------------------------------------------------- subset CE

@@ -374,3 +374,36 @@ def test_reference_on_cuda_matches_oracle(i):
     assert float(loss) == pytest.approx(sum(w["loss"] for w in want), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(s_cu.grad.cpu().double(), torch.tensor([w["grad"] for w in want], dtype=torch.float64),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("i", range(0, 240, 6))
+def test_select_from_pool_equals_select(i):
+    """The sets from a pool ranked elsewhere are those of select on the dense rows (the oracle's
+    configurations: ties, exclusion, given QT), and the oracle's."""
+    c = random_config(i)
+    s, t, excl, qt, rows = tensors(c)
+    kw = dict(K=c["K"], M=c["M"], L=c["L"], T=c["T"], beta=c["beta"], mode=c["mode"], seed=c["seed"], row_ids=rows)
+    want = R.select(s, t, qt, exclude=excl, **kw)
+    pool = spec.ranked_topk(s.detach(), c["M"], excl)
+    qt_ = spec.ranked_topk(t, c["K"], excl) if qt is None else qt
+    got = R.select_from_pool(pool, qt_, **kw)
+    for f in ("indices", "q2_mask", "gamma", "n_q1", "n_qt_sampled"):
+        assert torch.equal(getattr(got, f), getattr(want, f)), f
+    for b, w in enumerate(oracle_rows(c)):
+        assert got.sampled[b].tolist() == w["A"]
+
+
+def test_select_from_pool_checks():
+    pool = torch.tensor([[3, 1, 2, 0], [0, 1, 2, 3]])
+    qt = torch.tensor([[1, 2], [0, 5]])
+    R.select_from_pool(pool, qt, K=2, M=4, L=2)
+    with pytest.raises(ValueError, match="pool must be int64 of shape"):
+        R.select_from_pool(pool[:, :3], qt, K=2, M=4, L=2)
+    with pytest.raises(ValueError, match="pool has a repeated id in row 1"):
+        R.select_from_pool(torch.tensor([[3, 1, 2, 0], [0, 1, 1, 3]]), qt, K=2, M=4, L=2)
+    with pytest.raises(ValueError, match="negative id"):
+        R.select_from_pool(torch.tensor([[3, 1, 2, -1], [0, 1, 2, 3]]), qt, K=2, M=4, L=2)
+    with pytest.raises(TypeError, match="pool"):
+        R.select_from_pool(pool.tolist(), qt, K=2, M=4, L=2)
+    with pytest.raises(ValueError, match="does not implement sets_from_pool"):
+        R.select_from_pool(pool, qt, K=2, M=4, L=2, backend="cpp")

@@ -17,6 +17,7 @@ The ops' outputs (B = rows, W = 2K + L gathered columns [QS | A | QT]):
 ``fused_bwd``             the dense gradient (B, N), dtype of the student scores
 ``gathered_dot``          ``out[b, w] = <u[b], v[idx[b, w]]>`` (B, W)
 ``gathered_dot_bwd``      (grad of u (B, D), grad of v (N, D))
+``sets_from_pool``        as ``select``, from the pool (B, M) in student order and QT (B, K)
 ========================  ==========================================================
 
 ``counts`` = (|Q1|, |QT & A|); ``stats`` = (L1, L2, gamma, |Q1|, |QT & A|); the compute
@@ -35,8 +36,9 @@ Tensor = torch.Tensor
 
 #: The loss ops every backend implements.
 LOSS_OPS = ("select", "subset_ce_fwd", "subset_ce_bwd", "fused_fwd", "fused_bwd")
-#: Ops a backend may implement besides (the scores of given items from vectors).
-EXTRA_OPS = ("gathered_dot", "gathered_dot_bwd")
+#: Ops a backend may implement besides: the scores of given items from vectors, and the sets
+#: from a given pool (the rankings done elsewhere: from embeddings, across processes).
+EXTRA_OPS = ("gathered_dot", "gathered_dot_bwd", "sets_from_pool")
 OPS = LOSS_OPS + EXTRA_OPS
 
 

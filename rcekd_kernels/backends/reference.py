@@ -66,13 +66,21 @@ def select(s: Tensor, t: Optional[Tensor], teacher_topk: Optional[Tensor], exclu
     teacher item i is in Q2 and not sampled (so U = A + masked teacher items),
     ``counts = (|Q1|, |QT & A|)``.
     """
-    K, M, L = cfg.K, cfg.m, cfg.L
+    K, M = cfg.K, cfg.m
     pool = ranked_topk(s, M, exclude)  # (B, M), student order
     if teacher_topk is None:
         assert t is not None, "the checks require teacher scores when teacher_topk is not given"
         qt = ranked_topk(t, K, exclude)
     else:  # checked when validate=True; otherwise an id outside [0, N) is clamped into it (docs/LOSS.md)
         qt = teacher_topk.clamp(0, s.shape[1] - 1)
+    return sets_from_pool(pool, qt, row_ids, cfg, seed)
+
+
+def sets_from_pool(pool: Tensor, qt: Tensor, row_ids: Tensor, cfg: RCEKDConfig, seed: int
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The sets of each row from its pool (B, M) in student order and QT (B, K): the part of
+    ``select`` after the two rankings. Returns ``(idx, q2_mask, counts)`` as ``select``."""
+    K, M, L = cfg.K, cfg.m, cfg.L
     pos_t = _positions(pool, qt)  # (B, K): pool position, M when outside
     c = pool_counts(pos_t, K, M, cfg.mode)
     key = rng.sampling_keys(c, cfg.T, seed, row_ids, pool)
