@@ -36,7 +36,7 @@ from . import config as C
 from .evaluate import evaluate_model, metric_names
 from .kd import FrozenTeacher, build_kd, load_topk, save_topk, topk_from_vectors
 from .kd.teacher import TRAJECTORY_DIR, trajectory_path
-from .models import build_model
+from .models import build_model, eval_mode
 
 IGNORED_ON_RESUME = {("train", "epochs"), ("train", "patience"), ("train", "progress"), ("train", "max_minutes"),
                      ("train", "stop_after"), ("train", "plot"), ("device",), ("threads",), ("data_dir",)}
@@ -237,7 +237,7 @@ class Trainer:
             batches = model.batches(self.data, int(t["batch_size"]), gen)
             bar = None
             if progress:
-                bar = tqdm(batches, total=len(model._batcher), desc=f"epoch {epoch + 1}", leave=False,
+                bar = tqdm(batches, total=len(batches), desc=f"epoch {epoch + 1}", leave=False,
                            mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
                 batches = bar
             for batch in batches:
@@ -352,10 +352,8 @@ class Trainer:
         }
         if cfg["role"] == "teacher":
             K = int(cfg.get("teacher_topk", 500))
-            was = model.training
-            model.eval()
-            u, i = model.represent_all()
-            model.train(was)
+            with eval_mode(model):
+                u, i = model.represent_all()
             topk = topk_from_vectors(u, i, K)
             save_topk(self.path("teacher_topk.pt"), topk, {"K": topk.shape[1], "exclude_train": False,
                                                            "data_fingerprint": self.data.fingerprint()})

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..models.base import dot_all, dot_items
+from ..models.base import dot_all, dot_items, eval_mode
 
 Tensor = torch.Tensor
 
@@ -116,14 +116,9 @@ class KDMethod:
 
     # helpers
     @staticmethod
-    @torch.no_grad()
     def student_vectors(student):
-        was = student.training
-        student.eval()
-        try:
+        with eval_mode(student):
             return student.represent_all()
-        finally:
-            student.train(was)
 
     def chunks(self, n: int, size: int = 1024):
         for s in range(0, n, size):

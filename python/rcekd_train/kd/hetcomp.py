@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ..models.base import eval_mode
 from .base import KDMethod, dot_all
 from .teacher import list_trajectory, topk_from_vectors
 
@@ -168,8 +169,8 @@ class HetComp(KDMethod):
             model = build_model(snap["model"], self.data, **snap["hparams"])
             model.load_state_dict(snap["state"])
             model.to(self.teacher.item_vecs.device)
-            model.eval()
-            u, i = model.represent_all()
+            with eval_mode(model):
+                u, i = model.represent_all()
             perms.append(topk_from_vectors(u, i, int(h["K"]), data=self.data, chunk=int(h["chunk"])).long())
             del model
         perms.append(topk_from_vectors(self.teacher.user_vecs, self.teacher.item_vecs, int(h["K"]), data=self.data,

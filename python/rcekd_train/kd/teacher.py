@@ -17,6 +17,8 @@ import torch
 
 from rcekd_kernels.spec import ranked_topk  # the spec's ranking order (ties to the smaller id)
 
+from ..models.base import dot_items, eval_mode
+
 Tensor = torch.Tensor
 
 
@@ -81,12 +83,8 @@ class FrozenTeacher:
 
     @classmethod
     def from_model(cls, model, topk: Optional[Tensor] = None) -> "FrozenTeacher":
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             u, i = model.represent_all()
-        finally:
-            model.train(was)
         return cls(u, i, topk)
 
     def to(self, device) -> "FrozenTeacher":
@@ -104,7 +102,6 @@ class FrozenTeacher:
     @torch.no_grad()
     def score_items(self, users: Tensor, items: Tensor) -> Tensor:
         """Teacher scores (B, X) at items (B, X), in chunks of users (bounded memory)."""
-        from ..models.base import dot_items
         out = torch.empty(items.shape, dtype=self.item_vecs.dtype, device=items.device)
         for s in range(0, len(users), self.chunk):
             out[s:s + self.chunk] = dot_items(self.user_vecs[users[s:s + self.chunk]], self.item_vecs,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import inspect
 
-from .base import Recommender, dot_all, dot_items
+from .base import Recommender, dot_all, dot_items, eval_mode
 from .hstu import HSTU
 from .lightgcn import LightGCN, normalized_adjacency
 from .mf import MF
@@ -11,7 +11,7 @@ from .mf import MF
 MODELS = {"mf": MF, "bpr": MF, "lightgcn": LightGCN, "hstu": HSTU}
 
 __all__ = ["MF", "LightGCN", "HSTU", "Recommender", "build_model", "MODELS", "dot_all", "dot_items",
-           "normalized_adjacency", "model_args"]
+           "normalized_adjacency", "model_args", "eval_mode"]
 
 
 def model_args(name: str):
