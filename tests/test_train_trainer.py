@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rcekd_train.config import resolve
+from rcekd_train.kd import load_teacher
 from rcekd_train.runs import run_one, run_seeds
-from rcekd_train.trainer import load_teacher
 
 DATA = ["data.num_users=150", "data.num_items=100", "data.mean_items=12", "data.min_items=5", "data.max_items=40",
         "data.seed=2"]

@@ -225,9 +225,8 @@ def cmd_evaluate(a):
 
     from .config import load_yaml
     from .evaluate import evaluate_model
-    from .models import build_model
+    from .models import build_model, model_hparams
     from .runs import get_data
-    from .trainer import model_hparams
     cfg = load_yaml(os.path.join(a.run, "config.yaml"))
     if a.data_dir:
         cfg["data_dir"] = a.data_dir

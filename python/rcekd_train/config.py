@@ -175,6 +175,35 @@ def check(cfg: Dict) -> None:
         raise ValueError(f"train.keep_epochs must be a list of positive epoch numbers, got {epochs!r}")
 
 
+#: keys a resumed run may change: how long it runs and how it shows progress, where it runs
+IGNORED_ON_RESUME = {("train", "epochs"), ("train", "patience"), ("train", "progress"), ("train", "max_minutes"),
+                     ("train", "stop_after"), ("train", "plot"), ("device",), ("threads",), ("data_dir",)}
+
+
+def flatten(d: Dict, prefix: tuple = ()) -> Dict[tuple, Any]:
+    """{(key, sub, ...): leaf value} of a nested dict."""
+    out: Dict[tuple, Any] = {}
+    for k, v in d.items():
+        key = prefix + (k,)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(a: Dict, b: Dict, ignored=IGNORED_ON_RESUME):
+    """[(dotted key, value in a, value in b)] of the leaves that differ, except the ``ignored`` keys."""
+    fa, fb = flatten(a), flatten(b)
+    diffs = []
+    for k in sorted(set(fa) | set(fb), key=str):
+        if k in ignored:
+            continue
+        if fa.get(k) != fb.get(k):
+            diffs.append((".".join(k), fa.get(k), fb.get(k)))
+    return diffs
+
+
 def dump(cfg: Dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)

@@ -424,3 +424,51 @@ def report_plot(report: Dict, path: str, metric: str = "ndcg@20") -> bool:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return True
+
+
+def plot_history(history, path: str, title: str = "") -> bool:
+    """Learning curves (loss, metrics, KD diagnostics) to a PNG; False when matplotlib is missing."""
+    if not history:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    ep = [r["epoch"] for r in history]
+    has_diag = any("gamma" in r for r in history)
+    n = 3 if has_diag else 2
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
+    ax = axes[0]
+    ax.plot(ep, [r["base_loss"] for r in history], label="base")
+    if any(r.get("kd_loss") for r in history):
+        ax2 = ax.twinx()
+        ax2.plot(ep, [r.get("kd_loss", 0) for r in history], color="tab:red", label="kd")
+        ax2.set_ylabel("kd loss", color="tab:red")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("base loss")
+    ax.set_title("training loss")
+    ax = axes[1]
+    for key, style in (("valid_ndcg@20", "-"), ("test_ndcg@20", "-"), ("valid_recall@20", "--"),
+                       ("test_recall@20", "--")):
+        pts = [(r["epoch"], r[key]) for r in history if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_title("metrics")
+    ax.legend(fontsize=7)
+    if has_diag:
+        ax = axes[2]
+        for key in ("gamma", "q1_frac"):
+            pts = [(r["epoch"], r[key]) for r in history if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label="|Q1|/K" if key == "q1_frac" else key)
+        ax.set_xlabel("epoch")
+        ax.set_title("RCE-KD diagnostics")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True

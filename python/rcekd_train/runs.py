@@ -11,7 +11,8 @@ import numpy as np
 
 from .data import load_dataset
 from .evaluate import metric_names
-from .trainer import Trainer, load_teacher
+from .kd import kd_from_config, load_teacher
+from .trainer import Trainer
 
 _DATA_CACHE: Dict = {}
 
@@ -25,17 +26,15 @@ def get_data(cfg: Dict):
 
 
 def run_one(cfg: Dict, out: str, resume: bool = False, log=None) -> Dict:
+    """Trains one configured run in ``out`` (a student's teacher loaded from ``cfg["teacher_dir"]``)."""
     data = get_data(cfg)
+    kd = kd_from_config(cfg, data)  # the KD method, built once; its teacher is loaded with what it needs
     teacher = None
-    if cfg["role"] == "student" and (cfg.get("kd") or {}).get("method", "none") != "none":
+    if kd is not None:
         if not cfg.get("teacher_dir"):
             raise ValueError("distillation needs a teacher: --teacher RUN_DIR (a `rcekd train-teacher` output)")
-        from .kd import build_kd
-        kd_cfg = {k: v for k, v in cfg["kd"].items() if k not in ("method", "lambda")}
-        need = build_kd(cfg["kd"]["method"], None, data, 0, **kd_cfg).topk_needed()
-        teacher, _ = load_teacher(cfg["teacher_dir"], data, cfg.get("device") or "cpu", need)
-        teacher.run_dir = cfg["teacher_dir"]  # HetComp reads the teacher's kept trajectory there
-    return Trainer(cfg, data, out, teacher, log=log).run(resume=resume)
+        teacher, _ = load_teacher(cfg["teacher_dir"], data, cfg.get("device") or "cpu", kd.topk_needed())
+    return Trainer(cfg, data, out, teacher, log=log, kd=kd).run(resume=resume)
 
 
 def run_seeds(cfg: Dict, out: str, seeds: Optional[List[int]], resume: bool = False, log=None) -> Dict:

@@ -1,7 +1,9 @@
 """The interface every distillation method implements, and shared helpers.
 
-A method is built with its hyperparameters, the frozen teacher and the data, and
-the trainer calls:
+A method is built with its hyperparameters, the frozen teacher and the data (a run
+builds it once, without the teacher: ``kd_from_config``; ``topk_needed()`` says how much
+of the teacher's top-K cache to load, and ``attach(teacher)`` gives it the teacher before
+the first epoch), and the trainer calls:
 
 * ``on_epoch_start(student, epoch)`` before the batches of an epoch (per-epoch
   refresh of sets and samples; nothing to do for per-batch methods);
@@ -60,6 +62,12 @@ class KDMethod:
         self.hp.update(hp)
         self.teacher, self.data, self.seed = teacher, data, int(seed)
         self.epoch = 0
+
+    def attach(self, teacher) -> None:
+        """Gives the method its frozen teacher, once, before the first epoch (a method built without one, to
+        ask ``topk_needed`` before the teacher is loaded); methods that prepare targets from the teacher do
+        it here."""
+        self.teacher = teacher
 
     def state_dict(self) -> Dict:
         """What a method carries from epoch to epoch beyond (seed, epoch) (saved in the trainer's checkpoint

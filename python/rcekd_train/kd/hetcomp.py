@@ -139,8 +139,13 @@ class HetComp(KDMethod):
         self.v_result = 0.0
         self.trajectory_epochs: List[int] = []
         if teacher is not None:
-            self.perms = self._trajectory_targets()
-            self.pos = self._positives()
+            self.attach(teacher)
+
+    def attach(self, teacher) -> None:
+        """The targets of the trajectory and the users' positives, from the teacher (and its kept checkpoints)."""
+        super().attach(teacher)
+        self.perms = self._trajectory_targets()
+        self.pos = self._positives()
 
     # --- the trajectory -----------------------------------------------------------------------------
     def _teacher_dir(self) -> str:
