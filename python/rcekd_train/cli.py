@@ -221,17 +221,16 @@ def cmd_distill(a):
 
 
 def cmd_evaluate(a):
-    import torch
-
     from .config import load_yaml
     from .evaluate import evaluate_model
+    from .files import load_torch
     from .models import build_model, model_hparams
     from .runs import get_data
     cfg = load_yaml(os.path.join(a.run, "config.yaml"))
     if a.data_dir:
         cfg["data_dir"] = a.data_dir
     data = get_data(cfg)
-    saved = torch.load(os.path.join(a.run, "best_model.pt"), map_location="cpu", weights_only=False)
+    saved = load_torch(os.path.join(a.run, "best_model.pt"), "weights file", ("state",))
     model = build_model(cfg["model"]["name"], data, **model_hparams(cfg))
     model.load_state_dict(saved["state"])
     model.to(a.device or cfg.get("device") or "cpu")
@@ -292,12 +291,13 @@ def cmd_reproduce(a):
 
 def cmd_demo(a):
     from .config import resolve
-    from .runs import format_table, run_seeds
+    from .runs import check_seeds, format_table, run_seeds
     t_start = time.time()
     flags = {"device": a.device, "threads": a.threads}
     if a.no_progress:
         flags["train.progress"] = False
     seeds = a.seeds
+    check_seeds(seeds)
     base = {"seed": a.seed}
     teacher = resolve("synthetic", "teacher", "mf", sets=a.sets, flags={**flags, **base})
     scratch = resolve("synthetic", "student", "mf", kd_method="none", sets=a.sets, flags={**flags, **base})
@@ -331,8 +331,8 @@ def cmd_demo(a):
     print()
     print(f"demo on synthetic data, test split (full ranking, train items masked); total {time.time() - t_start:.0f}s")
     print(table)
-    with open(os.path.join(a.out, "demo_table.txt"), "w") as f:
-        f.write(table + "\n")
+    from .files import write_text
+    write_text(os.path.join(a.out, "demo_table.txt"), table + "\n")
     return 0
 
 

@@ -177,7 +177,8 @@ def check(cfg: Dict) -> None:
 
 #: keys a resumed run may change: how long it runs and how it shows progress, where it runs
 IGNORED_ON_RESUME = {("train", "epochs"), ("train", "patience"), ("train", "progress"), ("train", "max_minutes"),
-                     ("train", "stop_after"), ("train", "plot"), ("device",), ("threads",), ("data_dir",)}
+                     ("train", "stop_after"), ("train", "plot"), ("train", "nonfinite"), ("device",), ("threads",),
+                     ("data_dir",)}
 
 
 def flatten(d: Dict, prefix: tuple = ()) -> Dict[tuple, Any]:
@@ -205,5 +206,5 @@ def config_differences(a: Dict, b: Dict, ignored=IGNORED_ON_RESUME):
 
 
 def dump(cfg: Dict, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    from .files import write_text
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False))

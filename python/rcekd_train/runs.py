@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import os
 from typing import Dict, List, Optional
 
@@ -11,6 +9,7 @@ import numpy as np
 
 from .data import load_dataset
 from .evaluate import metric_names
+from .files import write_csv, write_json
 from .kd import kd_from_config, load_teacher
 from .trainer import Trainer
 
@@ -37,9 +36,20 @@ def run_one(cfg: Dict, out: str, resume: bool = False, log=None) -> Dict:
     return Trainer(cfg, data, out, teacher, log=log, kd=kd).run(resume=resume)
 
 
+def check_seeds(seeds) -> None:
+    """Refuses a seed list with a repeated seed (its runs would share a directory and count twice)."""
+    seen = set()
+    for s in seeds or ():
+        if s in seen:
+            raise ValueError(f"--seeds lists seed {s} more than once ({' '.join(map(str, seeds))}): each seed is "
+                             f"one run")
+        seen.add(s)
+
+
 def run_seeds(cfg: Dict, out: str, seeds: Optional[List[int]], resume: bool = False, log=None) -> Dict:
     """One run (``seeds`` None) in ``out``, or one per seed in ``out/seed_<s>`` plus ``summary.json`` /
     ``summary.csv`` (mean and std over the seeds)."""
+    check_seeds(seeds)
     if not seeds:
         return run_one(cfg, out, resume, log)
     results = []
@@ -50,14 +60,10 @@ def run_seeds(cfg: Dict, out: str, seeds: Optional[List[int]], resume: bool = Fa
     done = [r for r in results if r.get("status") != "interrupted"]
     summary = summarize(done, seeds)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["split", "metric", "mean", "std", "n"])
-        for split in ("valid", "test"):
-            for m, v in summary.get(split, {}).items():
-                w.writerow([split, m, v["mean"], v["std"], v["n"]])
+    write_json(os.path.join(out, "summary.json"), summary)
+    write_csv(os.path.join(out, "summary.csv"), [{"split": split, "metric": m, **v} for split in ("valid", "test")
+                                                for m, v in summary.get(split, {}).items()],
+              fieldnames=["split", "metric", "mean", "std", "n"])
     return summary
 
 

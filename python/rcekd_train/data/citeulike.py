@@ -17,6 +17,7 @@ from typing import List, Tuple
 
 import numpy as np
 
+from ..files import write_text
 from .base import DataFormatError, InteractionData, Split, split_in_order
 
 FILE = "users.dat"
@@ -85,6 +86,4 @@ def write_split(data: InteractionData, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for part in ("train", "valid", "test"):
         pairs = getattr(data, part).pairs()
-        with open(os.path.join(out_dir, f"{part}.txt"), "w", encoding="utf-8") as f:
-            f.write("USER\tITEM\n")
-            f.writelines(f"{u}\t{i}\n" for u, i in pairs)
+        write_text(os.path.join(out_dir, f"{part}.txt"), "USER\tITEM\n" + "".join(f"{u}\t{i}\n" for u, i in pairs))

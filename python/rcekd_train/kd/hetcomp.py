@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ..files import load_torch
 from ..models.base import eval_mode
 from .base import KDMethod, dot_all
 from .teacher import list_trajectory, topk_from_vectors
@@ -168,7 +169,7 @@ class HetComp(KDMethod):
         paths = dict(list_trajectory(d))
         perms = []
         for e in epochs:
-            snap = torch.load(paths[e], map_location="cpu", weights_only=False)
+            snap = load_torch(paths[e], "trajectory checkpoint", ("model", "hparams", "state"))
             if snap.get("data_fingerprint") not in (None, self.data.fingerprint()):
                 raise ValueError(f"{paths[e]} was trained on different data")
             model = build_model(snap["model"], self.data, **snap["hparams"])
@@ -271,4 +272,4 @@ def _best_epoch(run_dir: str) -> int:
     best = os.path.join(run_dir, "best_model.pt")
     if not os.path.exists(best):
         raise FileNotFoundError(f"{best} not found: is {run_dir} a finished train-teacher run?")
-    return int(torch.load(best, map_location="cpu", weights_only=False)["epoch"])
+    return int(load_torch(best, "weights file", ("epoch",))["epoch"])

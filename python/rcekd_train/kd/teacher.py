@@ -18,6 +18,7 @@ import torch
 from rcekd_kernels.spec import ranked_topk  # the spec's ranking order (ties to the smaller id)
 
 from .. import config as C
+from ..files import load_torch, save_torch
 from ..models import build_model, model_hparams
 from ..models.base import dot_items, eval_mode
 
@@ -63,13 +64,11 @@ def list_trajectory(run_dir: str):
 
 
 def save_topk(path: str, topk: Tensor, meta: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save({"topk": topk.to(torch.int32).cpu(), "meta": dict(meta)}, tmp)
-    os.replace(tmp, path)
+    save_torch({"topk": topk.to(torch.int32).cpu(), "meta": dict(meta)}, path)
 
 
 def load_topk(path: str):
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch(path, "top-K cache", ("topk",))
     return obj["topk"], obj.get("meta", {})
 
 
@@ -143,7 +142,7 @@ def load_teacher(teacher_dir: str, data, device="cpu", need_topk: int = 0) -> Tu
         if not os.path.exists(p):
             raise FileNotFoundError(f"{p} not found: is {teacher_dir} a finished `rcekd train-teacher` run?")
     tcfg = C.load_yaml(cfg_path)
-    saved = torch.load(model_path, map_location="cpu", weights_only=False)
+    saved = load_torch(model_path, "weights file", ("state",))
     if saved.get("data_fingerprint") not in (None, data.fingerprint()):
         raise ValueError(f"the teacher in {teacher_dir} was trained on different data "
                          f"({saved.get('data_fingerprint')} != {data.fingerprint()})")
