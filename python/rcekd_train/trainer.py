@@ -25,7 +25,6 @@ result (:meth:`Trainer.finish`).
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -40,10 +39,18 @@ import torch
 
 from . import config as C
 from .evaluate import evaluate_model, metric_names
+from .files import load_torch, remove_stale_temps, save_torch, write_csv, write_json
 from .kd import FrozenTeacher, KDMethod, cache_topk, kd_from_config, kd_lambda
-from .kd.teacher import trajectory_path
+from .kd.teacher import TRAJECTORY_DIR, trajectory_path
+from .lock import run_lock
 from .models import build_model, model_hparams
 from .report import plot_history
+
+CHECKPOINT_KEYS = ("model", "optimizer", "generator", "torch_rng", "numpy_rng", "python_rng", "state")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step's loss was NaN or infinite (``train.nonfinite: error``)."""
 
 
 def set_threads(n: Optional[int]) -> None:
@@ -88,10 +95,34 @@ def _accumulate(sums: Dict, values: Dict) -> None:
         sums[k] = sums[k] + v if k in sums else v
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class EpochLosses:
+    """An epoch's running sums of the losses and KD diagnostics, and each step's losses: all on the device
+    (a step never waits for the host), read once, at the end of the epoch (``means``, ``first_nonfinite``)."""
+
+    def __init__(self):
+        self.sums: Dict = {"loss": 0.0, "base_loss": 0.0, "kd_loss": 0.0}
+        self.diag: Dict = {}
+        self.steps: list = []  # (step number, loss, base loss, KD loss) of every step taken
+        self.skipped = 0
+
+    def add(self, step: int, loss, base, kd_loss, diag: Dict) -> None:
+        _accumulate(self.sums, {"loss": loss, "base_loss": base, "kd_loss": kd_loss})
+        _accumulate(self.diag, diag)
+        self.steps.append((step, loss.detach(), base.detach(), None if kd_loss is None else kd_loss.detach()))
+
+    def means(self) -> Dict:
+        n = max(len(self.steps), 1)
+        out = {k: float(v) / n for k, v in self.sums.items()}
+        out.update({k: float(v) / n for k, v in self.diag.items()})
+        return out
+
+    def first_nonfinite(self):
+        """(step, loss, base, kd) of the first step whose loss is NaN or infinite, or None (one host
+        synchronisation for the whole epoch)."""
+        if not self.steps:
+            return None
+        bad = ~torch.stack([torch.isfinite(s[1]) for s in self.steps])
+        return self.steps[int(bad.nonzero()[0, 0])] if bool(bad.any()) else None
 
 
 def kept_epoch(train_cfg: Dict, epoch: int) -> bool:
@@ -170,10 +201,14 @@ class Progress:
     def __iter__(self):
         return iter(self.bar if self.bar is not None else self.batches)
 
-    def show(self, loss, base) -> None:
+    def show(self, loss, base) -> bool:
+        """Shows the loss when a refresh is due; False when the loss it read is not finite."""
         if self.bar is not None and time.time() - self.last >= self.bar.mininterval:
             self.last = time.time()
-            self.bar.set_postfix(loss=f"{float(loss):.4g}", base=f"{float(base):.4g}")
+            value = float(loss)
+            self.bar.set_postfix(loss=f"{value:.4g}", base=f"{float(base):.4g}")
+            return math.isfinite(value)
+        return True
 
     def close(self) -> None:
         if self.bar is not None:
@@ -194,53 +229,59 @@ class Trainer:
             raise ValueError(f"train.early_stop_metric must be one of {metric_names(self.ks)}, got {self.metric!r}")
         self.kd = kd if kd is not None else kd_from_config(cfg, data)
         self.lam = kd_lambda(cfg)
+        self.skip_nonfinite = self.t.get("nonfinite", "error") == "skip"
 
     # --- files ----------------------------------------------------------------------------------
     def path(self, name):
         return os.path.join(self.out, name)
 
     def _write_history(self, history):
-        with open(self.path("history.json"), "w") as f:
-            json.dump(history, f, indent=1)
+        write_json(self.path("history.json"), history)
         if history:
-            cols = []
-            for row in history:
-                cols += [k for k in row if k not in cols]
-            with open(self.path("history.csv"), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=cols)
-                w.writeheader()
-                w.writerows(history)
+            write_csv(self.path("history.csv"), history)
 
     def _save_weights(self, model, epoch: int, path: str) -> None:
         """The weights after ``epoch`` in the format of best_model.pt (and of the trajectory's files)."""
-        _atomic_save({"model": self.cfg["model"]["name"], "hparams": model_hparams(self.cfg),
-                      "state": model.state_dict(), "epoch": epoch, "data_fingerprint": self.data.fingerprint()},
-                     path)
+        save_torch({"model": self.cfg["model"]["name"], "hparams": model_hparams(self.cfg),
+                    "state": model.state_dict(), "epoch": epoch, "data_fingerprint": self.data.fingerprint()}, path)
 
     # --- the run --------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Dict:
         """Trains the configured run in ``out`` (continues it from its checkpoint with ``resume``) until the
-        stop policy ends it; returns the result (``{"status": "interrupted", ...}`` for a stop_after)."""
-        live = self._start(resume)
-        if live.state["done"]:
-            self.log("this run had already finished")
-            return self.finish(live.model, live.state, "finished")
-        stop = StopPolicy.from_config(self.t)
-        status = stop.before_first_epoch(live.state)
-        while status is None:
-            row, improved = self._epoch(live)
-            self._end_epoch(live, row, improved, stop)
-            status = stop.after_epoch(live.state)
-        if status == "interrupted":
-            self.log(f"stopped after epoch {live.state['epoch']} (resume with --resume --out {self.out})")
-            return {"status": "interrupted", "epoch": live.state["epoch"], "out": self.out}
-        return self.finish(live.model, live.state, status)
+        stop policy ends it; returns the result (``{"status": "interrupted", ...}`` for a stop_after). The run
+        holds the directory's lock throughout (another run into it is refused)."""
+        with run_lock(self.out, log=self.log):
+            for folder in (self.out, self.path(TRAJECTORY_DIR)):
+                remove_stale_temps(folder)  # of a writer that was killed; none is alive: we hold the lock
+            ck = self._checkpoint_to_resume(resume)
+            if ck is not None and ck["state"]["done"]:
+                return self._already_finished(ck)
+            live = self._start(ck)
+            stop = StopPolicy.from_config(self.t)
+            status = stop.before_first_epoch(live.state)
+            while status is None:
+                row, improved = self._epoch(live)
+                self._end_epoch(live, row, improved, stop)
+                status = stop.after_epoch(live.state)
+            if status == "interrupted":
+                self.log(f"stopped after epoch {live.state['epoch']} (resume with --resume --out {self.out})")
+                return {"status": "interrupted", "epoch": live.state["epoch"], "out": self.out}
+            return self.finish(live.model, live.state, status)
 
-    def _start(self, resume: bool) -> Live:
-        """The run directory and config, the model, optimizer and batch generator (seeded), the KD method's
-        teacher, and with ``resume`` (when there is a checkpoint) the checkpoint's state."""
-        os.makedirs(self.out, exist_ok=True)
-        resume = self._can_resume(resume)
+    def _already_finished(self, ck: Dict) -> Dict:
+        """The result of a finished run, read from its result.json: nothing on disk changes. Only when that
+        file is missing or unreadable (killed right after its last checkpoint) is the result written now."""
+        self.log("this run had already finished")
+        try:
+            with open(self.path("result.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            live = self._start(ck)
+            return self.finish(live.model, live.state, "finished")
+
+    def _start(self, ck: Optional[Dict]) -> Live:
+        """The config file, the model, optimizer and batch generator (seeded), the KD method's teacher, and
+        the state of the checkpoint ``ck`` when the run is resumed."""
         C.dump(self.cfg, self.path("config.yaml"))
         set_threads(self.cfg.get("threads"))
         seed = int(self.cfg.get("seed", 0))
@@ -252,26 +293,25 @@ class Trainer:
             if self.teacher is None:
                 raise ValueError(f"kd method {self.kd.name!r} needs a teacher (--teacher RUN_DIR)")
             self.kd.attach(self.teacher)
-        if resume:
-            self._restore(live)
+        if ck is not None:
+            self._restore(live, ck)
         return live
 
-    def _can_resume(self, resume: bool) -> bool:
-        """Whether to continue from the checkpoint: asked and present, with the same config (up to
-        C.IGNORED_ON_RESUME)."""
+    def _checkpoint_to_resume(self, resume: bool) -> Optional[Dict]:
+        """The checkpoint to continue from: asked, present and readable (a truncated one is an error that
+        says so), with the same config (up to C.IGNORED_ON_RESUME); None to start from scratch."""
         if not resume:
-            return False
+            return None
         if not os.path.exists(self.path("checkpoint.pt")):
             self.log(f"no checkpoint in {self.out}: starting from scratch")
-            return False
+            return None
         diffs = C.config_differences(C.load_yaml(self.path("config.yaml")), self.cfg)
         if diffs:
             lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs)
             raise ValueError(f"--resume with a different config than {self.path('config.yaml')}:\n{lines}")
-        return True
+        return load_torch(self.path("checkpoint.pt"), "checkpoint", CHECKPOINT_KEYS)
 
-    def _restore(self, live: Live) -> None:
-        ck = torch.load(self.path("checkpoint.pt"), map_location="cpu", weights_only=False)
+    def _restore(self, live: Live, ck: Dict) -> None:
         live.model.load_state_dict(ck["model"])
         live.opt.load_state_dict(ck["optimizer"])
         live.gen.set_state(ck["generator"])
@@ -290,11 +330,11 @@ class Trainer:
         if self.kd is not None:
             self.kd.on_epoch_start(live.model, epoch)
         t1 = time.time()
-        sums, diag_sums, n_batches = self._train_batches(live, epoch)
+        losses = self._train_batches(live, epoch)
         t2 = time.time()
-        row = {"epoch": epoch + 1}
-        row.update({k: float(v) / max(n_batches, 1) for k, v in sums.items()})
-        row.update({k: float(v) / max(n_batches, 1) for k, v in diag_sums.items()})
+        row = {"epoch": epoch + 1, **losses.means()}
+        if self.skip_nonfinite:
+            row["skipped_steps"] = losses.skipped
         row.update(time_kd_refresh_s=t1 - t0, time_train_s=t2 - t1)
         due = (epoch + 1) % int(self.t["eval_every"]) == 0 or epoch + 1 == int(self.t["epochs"])
         improved = self._evaluate(live, row) if due else False
@@ -305,34 +345,57 @@ class Trainer:
         row["time_epoch_s"] = time.time() - t0
         return row, improved
 
-    def _train_batches(self, live: Live, epoch: int) -> Tuple[Dict, Dict, int]:
-        """The training steps of one epoch: the sums of the losses and of the KD diagnostics (on the device:
-        a step never waits for the host; read once, by the caller) and the number of batches."""
+    def _train_batches(self, live: Live, epoch: int) -> EpochLosses:
+        """The training steps of one epoch and their losses. A non-finite loss stops the run
+        (NonFiniteLossError; found when the epoch's losses are read, or earlier when the progress bar reads
+        one), before anything of the epoch is written: the last checkpoint is the last good epoch's."""
         live.model.train()
-        sums, diag_sums, n_batches = {"loss": 0.0, "base_loss": 0.0, "kd_loss": 0.0}, {}, 0
+        losses = EpochLosses()
         batches = live.model.batches(self.data, int(self.t["batch_size"]), live.gen)
         bar = Progress(batches, epoch, bool(self.t.get("progress", True)))
         for batch in bar:
-            loss, base, kd_loss, diag = self._step(live, batch)
-            n_batches += 1
-            _accumulate(sums, {"loss": loss, "base_loss": base, "kd_loss": kd_loss})
-            _accumulate(diag_sums, diag)
-            bar.show(loss, base)
+            step = live.state["step"]
+            out = self._step(live, batch)
+            if out is None:
+                losses.skipped += 1
+                continue
+            losses.add(step, *out)
+            if not bar.show(out[0], out[1]):
+                break
         bar.close()
-        return sums, diag_sums, n_batches
+        bad = losses.first_nonfinite()
+        if bad is not None or (losses.skipped and not losses.steps):
+            raise self._nonfinite_error(epoch, bad, losses.skipped)
+        return losses
 
     def _step(self, live: Live, batch):
-        """One optimisation step on base + lambda x KD: (loss, base loss, KD loss or None, KD diagnostics)."""
+        """One optimisation step on base + lambda x KD: (loss, base loss, KD loss or None, KD diagnostics);
+        None for a step skipped for its non-finite loss (``train.nonfinite: skip``: a host synchronisation
+        per step)."""
         base, users, uv, iv = live.model.base_loss(batch)
         kd_loss, diag = None, {}
         if self.kd is not None:
             kd_loss, diag = self.kd.batch_loss(users, uv, iv, live.state["step"])
         loss = base + self.lam * kd_loss if kd_loss is not None else base
+        live.state["step"] += 1
+        if self.skip_nonfinite and not bool(torch.isfinite(loss)):
+            return None
         live.opt.zero_grad(set_to_none=True)
         loss.backward()
         live.opt.step()
-        live.state["step"] += 1
         return loss, base, kd_loss, diag
+
+    def _nonfinite_error(self, epoch: int, bad, skipped: int) -> NonFiniteLossError:
+        last = (f"its last good checkpoint (after epoch {epoch}) is {self.path('checkpoint.pt')}: --resume continues "
+                f"from it (e.g. with a lower train.lr, or --set train.nonfinite=skip to skip such steps)"
+                if epoch else "no epoch had completed (nothing to resume)")
+        if bad is None:
+            return NonFiniteLossError(f"every step of epoch {epoch + 1} ({skipped}) had a non-finite loss and was "
+                                      f"skipped; the run is stopped and {last}")
+        step, loss, base, kd_loss = bad
+        kd = "" if kd_loss is None else f", kd loss {float(kd_loss)}"
+        return NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} (loss {float(loss)}, base "
+                                  f"loss {float(base)}{kd}); the run is stopped and {last}")
 
     def _evaluate(self, live: Live, row: Dict) -> bool:
         """Valid and test metrics into ``row``; the early-stopping state; best_model.pt when the valid metric
@@ -361,11 +424,11 @@ class Trainer:
         self.log(self._line(row, improved))
 
     def _checkpoint(self, live: Live) -> None:
-        _atomic_save({"model": live.model.state_dict(), "optimizer": live.opt.state_dict(),
-                      "generator": live.gen.get_state(), **rng_states(), "state": live.state,
-                      "kd_state": self.kd.state_dict() if self.kd is not None else None,
-                      "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                     self.path("checkpoint.pt"))
+        save_torch({"model": live.model.state_dict(), "optimizer": live.opt.state_dict(),
+                    "generator": live.gen.get_state(), **rng_states(), "state": live.state,
+                    "kd_state": self.kd.state_dict() if self.kd is not None else None,
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   self.path("checkpoint.pt"))
 
     def _line(self, row, improved):
         parts = [f"epoch {row['epoch']:4d}", f"loss {row['loss']:.4g}"]
@@ -384,14 +447,13 @@ class Trainer:
         """The best epoch's weights back in ``model``; result.json (and a teacher's top-K cache, the curves)."""
         best_path = self.path("best_model.pt")
         if os.path.exists(best_path):
-            model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["state"])
+            model.load_state_dict(load_torch(best_path, "weights file", ("state",))["state"])
         model.to(self.device)
         res = self._result(model, state, status)
         if self.cfg["role"] == "teacher":
             res["teacher_topk"] = int(cache_topk(model, self.data, int(self.cfg.get("teacher_topk", 500)),
                                                  self.out).shape[1])
-        with open(self.path("result.json"), "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(self.path("result.json"), res)
         if self.t.get("plot", True):
             cfg = self.cfg
             plot_history(state["history"], self.path("curves.png"),
