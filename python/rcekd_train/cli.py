@@ -177,10 +177,7 @@ def _flags(a, student=False):
 
 
 def _user_config(path):
-    if not path:
-        return None
-    from .config import load_yaml
-    return load_yaml(path)
+    return path or None  # config.resolve reads it (and names it in its messages)
 
 
 def cmd_train_teacher(a):

@@ -222,11 +222,10 @@ class Trainer:
         self.teacher = teacher
         self.log = log or (lambda msg: print(msg, flush=True))
         self.device = torch.device(cfg.get("device") or "cpu")
+        C.check(cfg)  # the keys and values of the config (also of one changed after config.resolve)
         self.t = cfg["train"]
         self.ks = tuple(self.t.get("ks", (10, 20)))
         self.metric = self.t.get("early_stop_metric", "ndcg@10")
-        if self.metric not in metric_names(self.ks):
-            raise ValueError(f"train.early_stop_metric must be one of {metric_names(self.ks)}, got {self.metric!r}")
         self.kd = kd if kd is not None else kd_from_config(cfg, data)
         self.lam = kd_lambda(cfg)
         self.skip_nonfinite = self.t.get("nonfinite", "error") == "skip"

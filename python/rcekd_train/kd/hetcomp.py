@@ -123,16 +123,10 @@ class HetComp(KDMethod):
     defaults = dict(num_ckpt=3, K=50, p=10, alpha=1.05, alpha_decay=0.995, lam=10.0, relevance="teacher_rank",
                     pos_order="teacher", num_pos=None, clamp=40.0, reduction="sum", chunk=1024)
 
+    choices = {"relevance": ("teacher_rank", "student_position"), "pos_order": ("teacher", "data")}
+
     def __init__(self, teacher, data, seed=0, **hp):
         super().__init__(teacher, data, seed, **hp)
-        h = self.hp
-        if int(h["num_ckpt"]) < 1 or int(h["K"]) < 1 or int(h["p"]) < 1:
-            raise ValueError("hetcomp: num_ckpt, K and p must be positive integers")
-        if h["relevance"] not in ("teacher_rank", "student_position"):
-            raise ValueError(f"hetcomp: relevance must be 'teacher_rank' or 'student_position', "
-                             f"got {h['relevance']!r}")
-        if h["pos_order"] not in ("teacher", "data"):
-            raise ValueError(f"hetcomp: pos_order must be 'teacher' or 'data', got {h['pos_order']!r}")
         U = data.num_users
         self.v = torch.zeros(U, dtype=torch.long)
         self.last_dist: Optional[Tensor] = None
