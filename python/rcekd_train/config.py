@@ -385,4 +385,4 @@ def config_differences(a: Dict, b: Dict, ignored=IGNORED_ON_RESUME):
 
 def dump(cfg: Dict, path: str) -> None:
     from .files import write_text
-    write_text(path, yaml.safe_dump(cfg, sort_keys=False))
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False), durable=True)  # a resume compares against it

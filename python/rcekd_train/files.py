@@ -1,8 +1,9 @@
 """The one place where the drivers write and read a run's files.
 
 * Writes are atomic: the bytes go to a temporary file in the target's folder whose name is unique to
-  its writer (``.<name>.<random>.tmp``, ``tempfile.mkstemp``), are flushed to the disk (``fsync``) and
-  the temporary file replaces the target (``os.replace``). A reader sees the old file or the new one,
+  its writer (``.<name>.<random>.tmp``, ``tempfile.mkstemp``), are flushed to the disk (``fsync``, for
+  checkpoints and weights: text files such as the history are rewritten from the checkpoint every
+  epoch) and the temporary file replaces the target (``os.replace``). A reader sees the old file or the new one,
   never half of one; a failure (a full disk, a permission error) raises :class:`FileWriteError`, which
   names the target and the reason, and removes the temporary file, so the old file stays as it was.
 * :func:`load_torch` reads a checkpoint or a weights file and says so when it is truncated or not one
@@ -66,9 +67,11 @@ def _write_chunk(sink: _Sink, data) -> int:
     return sink.file.write(data)
 
 
-def atomic_write(path: str, write: Callable[[_Sink], None]) -> None:
+def atomic_write(path: str, write: Callable[[_Sink], None], durable: bool = True) -> None:
     """Calls ``write(f)`` with a binary handle on a temporary file next to ``path``, then makes it ``path``
-    (see the module docstring); raises FileWriteError naming ``path`` when the disk or the system refuses."""
+    (see the module docstring; ``durable``: fsync before the replace, so that a power cut leaves the old file
+    or the new one, not an empty one); raises FileWriteError naming ``path`` when the disk or the system
+    refuses."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -82,7 +85,8 @@ def atomic_write(path: str, write: Callable[[_Sink], None]) -> None:
                     raise sink.error from e
                 raise
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # the permissions of a plainly created file, not mkstemp's 0600
         os.replace(tmp, path)
         tmp = None
@@ -93,12 +97,12 @@ def atomic_write(path: str, write: Callable[[_Sink], None]) -> None:
             os.remove(tmp)
 
 
-def write_text(path: str, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+def write_text(path: str, text: str, durable: bool = False) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), durable)
 
 
-def write_json(path: str, obj, indent: int = 1) -> None:
-    write_text(path, json.dumps(obj, indent=indent))
+def write_json(path: str, obj, indent: int = 1, durable: bool = False) -> None:
+    write_text(path, json.dumps(obj, indent=indent), durable)
 
 
 def write_csv(path: str, rows: List[Dict], fieldnames: Optional[Iterable[str]] = None) -> None:
@@ -127,7 +131,7 @@ def copy_file(src: str, dst: str) -> None:
     """Copies ``src`` to ``dst`` through :func:`atomic_write`."""
     with open(src, "rb") as f:
         data = f.read()
-    atomic_write(dst, lambda out: out.write(data))
+    atomic_write(dst, lambda out: out.write(data), durable=False)
 
 
 def save_torch(obj, path: str) -> None:

@@ -418,7 +418,7 @@ def report_plot(report: Dict, path: str, metric: str = "ndcg@20") -> bool:
         ax.legend(fontsize=7)
     fig.suptitle(f"{report['dataset']}: test {metric} (metric convention: {', '.join(report['metric_convention'])})")
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), durable=False)
     plt.close(fig)
     return True
 
@@ -466,6 +466,6 @@ def plot_history(history, path: str, title: str = "") -> bool:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), durable=False)
     plt.close(fig)
     return True

@@ -452,7 +452,7 @@ class Trainer:
         if self.cfg["role"] == "teacher":
             res["teacher_topk"] = int(cache_topk(model, self.data, int(self.cfg.get("teacher_topk", 500)),
                                                  self.out).shape[1])
-        write_json(self.path("result.json"), res)
+        write_json(self.path("result.json"), res, durable=True)
         if self.t.get("plot", True):
             cfg = self.cfg
             plot_history(state["history"], self.path("curves.png"),
