@@ -122,3 +122,12 @@ def test_queues_share_a_runs_dir_through_run_locks(tmp_path):
     assert Queue("synthetic", [0], runs_dir, only=["teacher-mf", "rcekd-mf-mf"], sets=TINY, out=io.StringIO(),
                  wait_s=None).run() == 0
     assert "took over the stale lock" in open(os.path.join(runs_dir, "reproduce.log")).read()
+
+
+def test_a_bad_set_is_refused_before_the_queue_starts(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'train.lrr' \(--set train.lrr=1\); did you mean "
+                                         r"'train.lr'\?"):
+        Queue("synthetic", [0], str(tmp_path / "q"), only=["teacher-mf"], sets=TINY + ["train.lrr=1"])
+    with pytest.raises(ValueError, match="train.lr must be a finite number > 0, got -1"):
+        Queue("synthetic", [0], str(tmp_path / "q"), only=["student-mf"], sets=TINY + ["train.lr=-1"])
+    assert not os.path.exists(tmp_path / "q")  # nothing started

@@ -163,6 +163,8 @@ class Queue:
         if only and not self.runs:
             raise ValueError(f"--only {list(only)} matches no run; run ids look like "
                              f"{self.all[0].id!r}, {self.all[-1].id!r}")
+        for r in self.runs:  # a bad --set (an unknown key, a bad value) is refused now, not by every run later
+            run_config(r, dataset, runs_dir, data_dir, threads, device, max_minutes_per_run, self.sets)
         self.print = lambda msg: print(msg, file=out, flush=True)
 
     # --- state --------------------------------------------------------------------------------
