@@ -148,8 +148,8 @@ def run_case(data, dev, model_name, protocol, backend, teacher, a):
         sync(dev)
         preps.append(time.perf_counter() - t0)
     prep = statistics.median(preps)
-    batches = iter(model.batches(data, batch_size, gen))
-    steps_per_epoch = len(model._batcher)
+    batches = model.batches(data, batch_size, gen)
+    steps_per_epoch = len(batches)
 
     def next_batch():
         nonlocal batches

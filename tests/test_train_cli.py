@@ -52,8 +52,8 @@ def test_teacher_distill_evaluate(tmp_path, capsys):
 
 def test_errors_are_reported(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RCEKD_DATA", raising=False)
-    with pytest.raises(SystemExit, match="needs --teacher"):
-        main(["distill", "--dataset", "synthetic", "--student", "mf", "--kd", "rcekd"])
+    assert main(["distill", "--dataset", "synthetic", "--student", "mf", "--kd", "rcekd"]) == 2
+    assert "needs --teacher" in capsys.readouterr().err
     assert main(["train-teacher", "--dataset", "citeulike", "--model", "mf", "--out", str(tmp_path)]) == 2
     assert "RCEKD_DATA" in capsys.readouterr().err
     assert main(["train-teacher", "--dataset", "synthetic", "--model", "mf", "--out", str(tmp_path),
@@ -72,3 +72,104 @@ def test_download_verify_on_shared_data(capsys):
     root = shared_data_dir("citeulike", "users.dat")
     assert main(["download", "citeulike", "--verify", "--data-dir", root]) == 0
     assert "users.dat: ok" in capsys.readouterr().out
+
+
+# --- every command-line error: one "rcekd: error: ..." line, exit status 2, no traceback (issue 11, item 5) ------
+def cli(capsys, args):
+    """(exit status, the lines of stderr) of the command in this process."""
+    capsys.readouterr()
+    try:
+        rc = main(args)
+    except SystemExit as e:  # argparse's errors exit
+        rc = e.code
+    return rc, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def train(out, *extra):
+    return ["train-teacher", "--dataset", "synthetic", "--model", "mf", "--no-progress", "--out", str(out)] + \
+        TINY + list(extra)
+
+
+def error_cases(tmp_path, monkeypatch):
+    """(name, arguments, words of the message, a setup to run first) of one error of each kind."""
+    from test_train_helpers import hold_lock
+
+    from rcekd_train import files
+    from rcekd_train.models.mf import MF
+    bad_data = tmp_path / "data" / "citeulike"
+    bad_data.mkdir(parents=True)
+    (bad_data / "users.dat").write_text("2 1 2\n3 4 1_5 6\n")
+    busy = tmp_path / "busy"
+    truncated = tmp_path / "truncated"
+
+    def truncate():
+        main(train(truncated, "--stop-after", "1"))
+        p = truncated / "checkpoint.pt"
+        p.write_bytes(p.read_bytes()[:100])
+
+    def full_disk():
+        def no_space(sink, data):
+            raise OSError(28, "No space left on device")
+        monkeypatch.setattr(files, "_write_chunk", no_space)
+
+    def nan_loss():
+        real = MF.base_loss
+        monkeypatch.setattr(MF, "base_loss", lambda self, b: (lambda r: (r[0] * float("nan"),) + r[1:])(real(self, b)))
+
+    return [
+        ("missing argument", ["distill", "--dataset", "synthetic"], "distill: the following arguments are required",
+         None),
+        ("bad choice", ["frobnicate"], "invalid choice: 'frobnicate'", None),
+        ("bad number", ["train-teacher", "--dataset", "synthetic", "--model", "mf", "--epochs", "x"],
+         "argument --epochs: invalid int value: 'x'", None),
+        ("unknown key", train(tmp_path / "k", "--set", "train.lrr=1"), "did you mean 'train.lr'?", None),
+        ("bad value", train(tmp_path / "v", "--lr", "-1"), "train.lr must be a finite number > 0, got -1.0", None),
+        ("no teacher", ["distill", "--dataset", "synthetic", "--student", "mf", "--kd", "rcekd"], "needs --teacher",
+         None),
+        ("no data dir", ["train-teacher", "--dataset", "citeulike", "--model", "mf", "--out", str(tmp_path / "c")],
+         "no data directory", None),
+        ("malformed data", ["train-teacher", "--dataset", "citeulike", "--model", "mf", "--no-progress", "--data-dir",
+                            str(tmp_path / "data"), "--out", str(tmp_path / "m")],
+         f"{bad_data / 'users.dat'}, line 2: not an integer: '1_5'", None),
+        ("duplicate seeds", train(tmp_path / "s", "--seeds", "1", "1"), "seed 1 more than once", None),
+        ("directory in use", train(busy), f"{busy} is in use by process", lambda: hold_lock(busy)),
+        ("truncated checkpoint", train(truncated, "--resume"), "the checkpoint is truncated or corrupt", truncate),
+        ("full disk", train(tmp_path / "f"), f"cannot write {tmp_path / 'f'}/config.yaml: No space left on device",
+         full_disk),
+        ("non-finite loss", train(tmp_path / "n"), "non-finite loss at epoch 1, step 1", nan_loss),
+    ]
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_every_error_is_one_line_with_status_2(tmp_path, capsys, monkeypatch, case):
+    monkeypatch.delenv("RCEKD_DATA", raising=False)
+    name, args, words, setup = error_cases(tmp_path, monkeypatch)[case]
+    holder = setup() if setup else None
+    try:
+        rc, lines = cli(capsys, args)
+    finally:
+        if holder is not None and hasattr(holder, "kill"):
+            holder.kill()
+            holder.wait()
+    assert rc == 2, name
+    assert len(lines) == 1 and lines[0].startswith("rcekd: error: "), (name, lines)
+    assert words in lines[0], (name, lines[0])
+
+
+def test_no_traceback_unless_debug(tmp_path):
+    from test_train_helpers import subprocess_env
+    args = [sys.executable, "-m", "rcekd_train", "train-teacher", "--dataset", "synthetic", "--model", "mf",
+            "--out", str(tmp_path), "--set", "model.dim=0"]
+    out = subprocess.run(args, capture_output=True, text=True, env=subprocess_env())
+    assert out.returncode == 2 and out.stderr == "rcekd: error: model.dim must be a positive integer, got 0\n"
+    for debug in (["--debug"] + args[3:], args[3:] + ["--debug"]):  # before or after the command
+        out = subprocess.run(args[:3] + debug, capture_output=True, text=True, env=subprocess_env())
+        assert out.returncode == 2 and "Traceback (most recent call last)" in out.stderr
+        assert out.stderr.splitlines()[-1] == "rcekd: error: model.dim must be a positive integer, got 0"
+
+
+def test_an_unexpected_error_is_one_line_too(capsys, monkeypatch):
+    from rcekd_train import cli as C
+    monkeypatch.setattr(C, "cmd_collect", lambda a: {}["missing"])
+    rc, lines = cli(capsys, ["collect", "--out", "x"])
+    assert rc == 2 and lines == ["rcekd: error: KeyError: 'missing' (unexpected: --debug shows where)"]

@@ -114,27 +114,7 @@ def test_lightgcn_format_small(tmp_path):
     assert data.train.items_of(2).tolist() == [6] and data.valid.items_of(2).tolist() == []
 
 
-# --- malformed files ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name,content,line,words", [
-    ("users.dat", "2 1 2\n3 4 5\n", 2, "count says 3"),
-    ("users.dat", "2 1 2\n2 4 x\n", 2, "not an integer"),
-    ("users.dat", "1 1\n\n2 1 2", 2, "empty line"),
-    ("users.dat", "2 1 1\n", 1, "repeated"),
-    ("users.dat", "1 -4\n", 1, "negative"),
-    ("train.txt", "0 1 2\n1 2 y\n", 2, "not an integer"),   # the LightGCN format
-    ("train.txt", "0 1 2\n0 3\n", 2, "appears twice"),
-    ("train.txt", "0 1 2 1\n", 1, "repeated"),
-])
-def test_malformed_files_name_file_and_line(tmp_path, name, content, line, words):
-    p = tmp_path / name
-    p.write_text(content)
-    reader = read_users_dat if name == "users.dat" else read_user_lines
-    with pytest.raises(DataFormatError) as e:
-        reader(str(p))
-    msg = str(e.value)
-    assert str(p) in msg and f"line {line}" in msg and words in msg
-
-
+# --- the data directory ---------------------------------------------------------------------------
 def test_missing_data_dir_message(monkeypatch):
     monkeypatch.delenv("RCEKD_DATA", raising=False)
     with pytest.raises(FileNotFoundError, match="RCEKD_DATA"):
@@ -175,3 +155,76 @@ def test_download_rejects_bad_checksum(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
         dl.download("citeulike", str(tmp_path), log=lambda m: None)
     assert not os.path.exists(tmp_path / "citeulike" / "users.dat")
+
+
+# --- malformed files: every one names the file and the line (issue 11, item 6) -------------------------------------
+@pytest.mark.parametrize("name,content,line,words", [
+    ("users.dat", b"2 1 2\n3 4 5\n", 2, "count says 3"),
+    ("users.dat", b"2 1 2\n2 4 x\n", 2, "not an integer"),
+    ("users.dat", b"1 1\n\n2 1 2", 2, "empty line"),
+    ("users.dat", b"2 1 1\n", 1, "repeated"),
+    ("users.dat", b"1 -4\n", 1, "negative"),
+    ("train.txt", b"0 1 2\n1 2 y\n", 2, "not an integer"),   # the LightGCN format
+    ("train.txt", b"0 1 2 1\n", 1, "repeated"),
+    ("users.dat", b"2 1 2\n2 4 \xff\xfe\n", 2, "undecodable bytes (not UTF-8) at column 5"),
+    ("users.dat", b"2 1 2\n2 --5 3\n", 2, "not an integer: '--5'"),          # isdigit-based checks let it through
+    ("users.dat", b"2 1 2\n2 1_5697 3\n", 2, "not an integer: '1_5697'"),    # int() reads it as 15697
+    ("users.dat", b"1 +5\n", 1, "not an integer: '+5'"),                       # int() reads it as 5
+    ("users.dat", b"1 1.5\n", 1, "not an integer: '1.5'"),
+    ("users.dat", "1 \u0663\n".encode(), 1, "not an integer: '\u0663'"),      # an Arabic-Indic 3: int() says 3
+    ("users.dat", b"2 1 99999999999999999999\n", 1, "beyond int64"),
+    ("users.dat", b"3 1 2 3\n3 4 5", 2, "the count says 3 items but the line has 2; the last line: is the file "
+                                         "truncated?"),
+    ("train.txt", b"0 1 2\n1 2 x\xff\n", 2, "undecodable bytes"),
+    ("train.txt", b"0 1 2\n1 --5\n", 2, "not an integer: '--5'"),
+    ("train.txt", b"0 1 2\n1 1_5697\n", 2, "not an integer: '1_5697'"),
+    ("train.txt", b"0 1 2\n1 2 3", 2, "the last line has no newline: the file looks truncated"),
+    ("train.txt", b"0 1 2\n0 3\n", 2, "user 0 appears twice (first on line 1)"),
+])
+def test_malformed_tokens_name_file_and_line(tmp_path, name, content, line, words):
+    p = tmp_path / name
+    p.write_bytes(content)
+    reader = read_users_dat if name == "users.dat" else read_user_lines
+    with pytest.raises(DataFormatError) as e:
+        reader(str(p))
+    assert str(e.value).startswith(f"{p}, line {line}: ") and words in str(e.value), str(e.value)
+
+
+def test_tabs_and_crlf_are_plain_separators(tmp_path):
+    p = tmp_path / "train.txt"
+    p.write_bytes(b"0\t3 1\r\n1  5\t9 \r\n\n")
+    assert read_user_lines(str(p)) == {0: [3, 1], 1: [5, 9]}
+
+
+@pytest.mark.parametrize("train,test,file,line,words", [
+    ("0 1 2\n1 2 1000000000000\n", "0 3\n1 4\n", "train.txt", 2, "item id 1000000000000 is too large: the files "
+                                                                 "hold 5 distinct item ids"),
+    ("0 1 2\n1 2 3\n", "0 4\n1000000000000 5\n", "test.txt", 2, "user id 1000000000000 is too large: the files hold "
+                                                               "3 distinct user ids"),
+    ("0 1 2\n1 2 2147483647\n", "0 3\n", "train.txt", 2, "item id 2147483647 is too large"),
+])
+def test_huge_ids_are_refused_before_anything_is_allocated(tmp_path, monkeypatch, train, test, file, line, words):
+    """An id sizes the embedding tables (max id + 1 rows): one id of 10^12 must not ask for terabytes. The check
+    comes before any structure of that size (the per-user lists, the CSR splits) is built."""
+    from rcekd_train.data import base
+    monkeypatch.setattr(base.Split, "from_lists", lambda *a: pytest.fail("allocated before the id check"))
+    (tmp_path / "train.txt").write_text(train)
+    (tmp_path / "test.txt").write_text(test)
+    with pytest.raises(DataFormatError) as e:
+        load_lightgcn_format(str(tmp_path), "toy")
+    assert str(e.value).startswith(f"{tmp_path / file}, line {line}: ") and words in str(e.value), str(e.value)
+
+
+def test_a_sparse_but_reasonable_id_range_is_accepted(tmp_path):
+    # gaps are fine while the table stays within 2 x the distinct ids + 1024 rows (test_lightgcn_format_small too)
+    (tmp_path / "train.txt").write_text("0 1 2\n1 2 1030\n")  # 5 distinct: below 2 x 5 + 1024
+    (tmp_path / "test.txt").write_text("0 3\n1 4\n")
+    assert load_lightgcn_format(str(tmp_path), "toy").num_items == 1031
+
+
+def test_test_items_in_train_name_the_test_line(tmp_path):
+    (tmp_path / "train.txt").write_text("0 1 2\n1 2 3\n")
+    (tmp_path / "test.txt").write_text("0 4\n1 3\n")
+    with pytest.raises(DataFormatError, match=rf"{tmp_path / 'test.txt'}, line 2: user 1 has test items also in "
+                                              r"train: \[3\]"):
+        load_lightgcn_format(str(tmp_path), "toy")

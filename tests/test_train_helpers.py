@@ -24,3 +24,27 @@ def tiny_synthetic(**over):
                 seed=3)
     args.update(over)
     return make_synthetic(**args)
+
+
+def subprocess_env():
+    """The environment for a child Python that imports this checkout's rcekd_train and rcekd_kernels."""
+    import rcekd_kernels
+    import rcekd_train
+    paths = [os.path.dirname(os.path.dirname(m.__file__)) for m in (rcekd_train, rcekd_kernels)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")])
+    return env
+
+
+LOCK_HOLDER = ("import sys; from rcekd_train.lock import try_lock; release = try_lock(sys.argv[1]); "
+               "print('locked' if release else 'busy', flush=True); sys.stdin.read()")
+
+
+def hold_lock(out):
+    """Another process holding the lock of ``out`` until it is killed (or its stdin closed): the Popen."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(out)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, env=subprocess_env())
+    assert p.stdout.readline().strip() == "locked"
+    return p

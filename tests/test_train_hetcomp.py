@@ -158,12 +158,13 @@ def test_hetcomp_end_to_end_and_resume(tmp_path, teacher_dir):
 
 
 def test_hetcomp_targets_from_the_kept_checkpoints(teacher_dir):
-    from rcekd_train.kd import topk_from_vectors
+    from rcekd_train.kd import load_teacher, topk_from_vectors
     from rcekd_train.runs import get_data
-    from rcekd_train.trainer import load_teacher
     cfg = resolve("synthetic", "teacher", "mf", sets=DATA)
     data = get_data(cfg)
     teacher, _ = load_teacher(teacher_dir, data)
+    assert teacher.run_dir == teacher_dir  # load_teacher says where the trajectory is
+    teacher.run_dir = None                 # a teacher of unknown origin: no trajectory to read
     with pytest.raises(ValueError, match="run directory"):
         HetComp(teacher, data, K=6)
     teacher.run_dir = teacher_dir

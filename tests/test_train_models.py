@@ -145,3 +145,29 @@ def test_hstu_attention_is_pointwise_silu_over_padded_length(data):
 def test_unknown_hyperparameter_is_named(data):
     with pytest.raises(ValueError, match="dimm"):
         build_model("mf", data, dimm=3)
+
+
+@pytest.mark.parametrize("name,batch_size", [("mf", 64), ("lightgcn", 1000), ("hstu", 50)])
+def test_batches_say_how_many_an_epoch_has(data, name, batch_size):
+    m = build_model(name, data, dim=8)
+    batches = m.batches(data, batch_size, torch.Generator().manual_seed(0))
+    # one row per training pair (BPR) or per user with training items (HSTU), in batches of batch_size
+    rows = data.train.nnz if name != "hstu" else int((data.train.lengths() > 0).sum())
+    assert len(batches) == math.ceil(rows / batch_size)
+    assert sum(1 for _ in batches) == math.ceil(rows / batch_size)
+
+
+def test_eval_mode_restores_the_previous_mode(data):
+    from rcekd_train.models import eval_mode
+    m = build_model("hstu", data, dim=8)
+    for training in (True, False):
+        m.train(training)
+        with eval_mode(m):
+            assert not m.training and not torch.is_grad_enabled()
+            assert not m.represent(torch.arange(3))[0].requires_grad
+        assert m.training == training and torch.is_grad_enabled()
+    m.train()
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(m):
+            raise RuntimeError("inside")
+    assert m.training and torch.is_grad_enabled()

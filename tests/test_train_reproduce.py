@@ -4,8 +4,10 @@ import json
 import os
 
 import pytest
+from test_train_helpers import hold_lock
 
 from rcekd_train.cli import main
+from rcekd_train.lock import held_by_other
 from rcekd_train.reproduce import Queue, plan, run_config, run_state, select_runs
 from rcekd_train.runs import run_one
 
@@ -99,23 +101,33 @@ def test_queue_states_and_blocked_students(tmp_path, capsys):
 def test_queues_share_a_runs_dir_through_run_locks(tmp_path):
     runs_dir = str(tmp_path / "q")
     out = os.path.join(runs_dir, "teacher-mf", "seed_0")
-    os.makedirs(out)
+    holder = hold_lock(out)  # another live process is training the teacher
+    try:
+        buf = io.StringIO()
+        q = Queue("synthetic", [0], runs_dir, only=["teacher-mf", "student-mf", "rcekd-mf-mf"], sets=TINY, out=buf,
+                  wait_s=None)
+        assert q.run() == 2          # the held teacher and its student are left; the scratch student runs
+        log = open(os.path.join(runs_dir, "reproduce.log")).read()
+        assert "skip   teacher-mf/seed_0: another queue is running it" in log
+        assert "its teacher teacher-mf/seed_0 is being trained by another queue" in log
+        assert run_state(os.path.join(runs_dir, "student-mf", "seed_0"))[0] == "done"
+        assert not os.path.exists(os.path.join(runs_dir, "student-mf", "seed_0", ".run.lock"))  # released
+    finally:
+        holder.kill()  # the other queue dies (kill -9): its lock file stays, stale
+        holder.wait()
+    assert os.path.exists(os.path.join(out, ".run.lock")) and not held_by_other(out)
     with open(os.path.join(out, ".run.lock"), "w") as f:
-        f.write(str(os.getppid()))  # a live process that is not this one is training it
-    buf = io.StringIO()
-    q = Queue("synthetic", [0], runs_dir, only=["teacher-mf", "student-mf", "rcekd-mf-mf"], sets=TINY, out=buf,
-              wait_s=None)
-    assert q.run() == 2          # the held teacher and its student are left; the scratch student runs
-    log = open(os.path.join(runs_dir, "reproduce.log")).read()
-    assert "skip   teacher-mf/seed_0: another queue is running it" in log
-    assert "its teacher teacher-mf/seed_0 is being trained by another queue" in log
-    assert run_state(os.path.join(runs_dir, "student-mf", "seed_0"))[0] == "done"
-    assert not os.path.exists(os.path.join(runs_dir, "student-mf", "seed_0", ".run.lock"))  # released
-    with open(os.path.join(out, ".run.lock"), "w") as f:
-        f.write(f"{os.getppid()} 1")  # a live pid that started at another time: a reused pid, a stale lock
-    from rcekd_train.reproduce import _held_by_other
-    assert not _held_by_other(out)
-    with open(os.path.join(out, ".run.lock"), "w") as f:
-        f.write("999999999")  # a dead process: its lock is taken over
+        f.write(f"{os.getppid()} 1")  # a live pid that started at another time (a reused pid): not the owner
+    assert not held_by_other(out)
     assert Queue("synthetic", [0], runs_dir, only=["teacher-mf", "rcekd-mf-mf"], sets=TINY, out=io.StringIO(),
                  wait_s=None).run() == 0
+    assert "took over the stale lock" in open(os.path.join(runs_dir, "reproduce.log")).read()
+
+
+def test_a_bad_set_is_refused_before_the_queue_starts(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'train.lrr' \(--set train.lrr=1\); did you mean "
+                                         r"'train.lr'\?"):
+        Queue("synthetic", [0], str(tmp_path / "q"), only=["teacher-mf"], sets=TINY + ["train.lrr=1"])
+    with pytest.raises(ValueError, match="train.lr must be a finite number > 0, got -1"):
+        Queue("synthetic", [0], str(tmp_path / "q"), only=["student-mf"], sets=TINY + ["train.lr=-1"])
+    assert not os.path.exists(tmp_path / "q")  # nothing started

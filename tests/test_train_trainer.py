@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rcekd_train.config import resolve
+from rcekd_train.kd import load_teacher
 from rcekd_train.runs import run_one, run_seeds
-from rcekd_train.trainer import load_teacher
 
 DATA = ["data.num_users=150", "data.num_items=100", "data.mean_items=12", "data.min_items=5", "data.max_items=40",
         "data.seed=2"]
@@ -169,3 +169,24 @@ def test_teacher_keeps_its_trajectory_resume_safe(tmp_path):
     run_one(resolve("synthetic", "teacher", "mf", sets=DATA + FAST + ["train.epochs=2", "model.dim=8"]), plain,
             log=quiet)
     assert list_trajectory(plain) == [] and not os.path.exists(os.path.join(plain, "trajectory"))
+
+
+def test_stop_policy_rules_in_order():
+    from rcekd_train.trainer import StopPolicy
+    state = lambda epoch, bad: {"epoch": epoch, "bad": bad}
+    p = StopPolicy(epochs=5, patience=2)
+    assert p.before_first_epoch(state(5, 0)) == "max_epochs" and p.before_first_epoch(state(4, 0)) is None
+    assert p.after_epoch(state(1, 0)) is None
+    assert p.after_epoch(state(5, 2)) == "early_stop"      # patience before the epoch count
+    assert p.after_epoch(state(5, 1)) == "max_epochs"
+    assert p.finished(state(3, 2)) and p.finished(state(5, 0)) and not p.finished(state(4, 1))
+    # stop_after counts the epochs of this invocation; it never hides a finished run
+    p = StopPolicy(epochs=10, patience=3, stop_after=2)
+    assert p.after_epoch(state(4, 0)) is None and p.after_epoch(state(5, 0)) == "interrupted"
+    p = StopPolicy(epochs=3, patience=3, stop_after=1)
+    assert p.after_epoch(state(3, 0)) == "max_epochs"
+    # the time limit: wall time of this invocation
+    p = StopPolicy(epochs=10, patience=3, max_minutes=1.0)
+    assert p.after_epoch(state(1, 0)) is None
+    p.started -= 61
+    assert p.after_epoch(state(2, 0)) == "time_limit"

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import traceback
 
 EPILOG = """examples:
   rcekd demo                                   # synthetic data: teacher, scratch student, RCE-KD student
@@ -21,6 +22,22 @@ Settings come from the packaged YAML files (rcekd_train/configs/: defaults.yaml 
 set, with the authors' hyperparameters per backbone and teacher->student pair); any key can be
 overridden with --set key.sub=value (e.g. --set model.dim=64 --set kd.K=100 --set train.lr=1e-3).
 The data directory is --data-dir or $RCEKD_DATA (not needed for the synthetic data)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the errors of the command: one line ``rcekd: error: ...`` (and the command's --help)."""
+
+    def error(self, message):
+        sub = self.prog.partition(" ")[2]
+        self.exit(2, f"rcekd: error: {sub + ': ' if sub else ''}{message} (see {self.prog} --help)\n")
+
+
+def _debug_option():
+    """--debug, accepted before and after the command: a failing command shows its traceback."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, show its traceback too")
+    return p
 
 
 def _common(p, student=False):
@@ -72,12 +89,18 @@ def _common(p, student=False):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="rcekd", description="Training drivers for RCE-KD (knowledge distillation "
-                                "for recommender systems): MF, LightGCN, HSTU; RCE-KD, CE, CD, RRD, DCD, HetComp.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="rcekd", description="Training drivers for RCE-KD (knowledge distillation for recommender "
+               "systems): MF, LightGCN, HSTU; RCE-KD, CE, CD, RRD, DCD, HetComp.", epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="on an error, show its traceback too")
+    debug = _debug_option()
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="synthetic data: teacher, scratch student and RCE-KD student, table",
+    def command(name, **kwargs):
+        return sub.add_parser(name, parents=[debug], **kwargs)
+
+
+    d = command("demo", help="synthetic data: teacher, scratch student and RCE-KD student, table",
                        description="Trains on the built-in synthetic data (configs/synthetic.yaml) a teacher, a "
                        "student from scratch and an RCE-KD student, and prints their test metrics.")
     d.add_argument("--out", default="runs/demo")
@@ -89,7 +112,7 @@ def build_parser():
                    help="override a key of all three runs, e.g. --set train.epochs=5")
     d.add_argument("--no-progress", action="store_true")
 
-    t = sub.add_parser("train-teacher", help="train a teacher; caches its top-K lists",
+    t = command("train-teacher", help="train a teacher; caches its top-K lists",
                        description="Trains a teacher backbone with early stopping, saves its best weights and its "
                        "top-K items per user (teacher_topk.pt) for distillation.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,7 +122,7 @@ def build_parser():
                    "distils from this trajectory)")
     _common(t)
 
-    s = sub.add_parser("distill", help="train a student, from scratch (--kd none) or distilled from a teacher",
+    s = command("distill", help="train a student, from scratch (--kd none) or distilled from a teacher",
                        description="Trains a student with base loss + lambda * KD loss. --kd none trains it from "
                        "scratch (the student's own settings); other methods need --teacher.")
     s.add_argument("--student", required=True, choices=["mf", "lightgcn", "hstu"])
@@ -107,7 +130,7 @@ def build_parser():
     s.add_argument("--teacher", default=None, help="teacher run directory (from train-teacher)")
     _common(s, student=True)
 
-    e = sub.add_parser("evaluate", help="evaluate a trained run (its best weights)",
+    e = command("evaluate", help="evaluate a trained run (its best weights)",
                        description="Full-ranking Recall/NDCG of the best weights of a run directory.")
     e.add_argument("--run", required=True, help="a run directory (with config.yaml and best_model.pt)")
     e.add_argument("--data-dir", default=None)
@@ -119,14 +142,14 @@ def build_parser():
                    help="how metrics are averaged over users (default: the run's train.metric_convention): ours = "
                    "over the users with items in the split; authors = their code (users without items count as 0)")
 
-    w = sub.add_parser("download", help="fetch the public data files and verify their sha256",
+    w = command("download", help="fetch the public data files and verify their sha256",
                        description="Downloads CiteULike (users.dat, then writes split_811/), Gowalla and "
                        "Yelp2018 (LightGCN files) into DATA_DIR/<name>/ and checks their sha256.")
     w.add_argument("datasets", nargs="+", choices=["citeulike", "gowalla", "yelp2018"])
     w.add_argument("--data-dir", default=None, help="target folder (default: $RCEKD_DATA)")
     w.add_argument("--force", action="store_true", help="download even when a verified copy exists")
     w.add_argument("--verify", action="store_true", help="only check the files already there")
-    q = sub.add_parser("reproduce", help="the resumable queue of every run of the paper's Table 1 and ablations",
+    q = command("reproduce", help="the resumable queue of every run of the paper's Table 1 and ablations",
                        description="Runs every run of the paper's Table 1 on one data set (teachers, scratch "
                        "students, CD, RRD, DCD, HetComp, RCE-KD per pair) and the Figure 3 ablations, for each "
                        "seed, in RUNS_DIR/<run>/seed_<s>. Finished runs are skipped and interrupted ones "
@@ -145,7 +168,7 @@ def build_parser():
     q.add_argument("--device", default=None)
     q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key of every run (changes the results; for tests and trials)")
-    c = sub.add_parser("collect", help="gather finished runs into a small results folder (or the paper-layout "
+    c = command("collect", help="gather finished runs into a small results folder (or the paper-layout "
                        "report of a reproduce queue)",
                        description="Copies result.json, history.csv, curves.png and the config of finished runs "
                        "into OUT/<run>/ and writes OUT/summary.{csv,json,md}; no checkpoints, no machine paths. "
@@ -177,10 +200,7 @@ def _flags(a, student=False):
 
 
 def _user_config(path):
-    if not path:
-        return None
-    from .config import load_yaml
-    return load_yaml(path)
+    return path or None  # config.resolve reads it (and names it in its messages)
 
 
 def cmd_train_teacher(a):
@@ -202,11 +222,10 @@ def cmd_distill(a):
     teacher_model = None
     if a.kd != "none":
         if not a.teacher:
-            raise SystemExit("rcekd distill: --kd %s needs --teacher RUN_DIR (train one with "
-                             "`rcekd train-teacher`)" % a.kd)
+            raise ValueError(f"--kd {a.kd} needs --teacher RUN_DIR (train one with `rcekd train-teacher`)")
         tcfg = os.path.join(a.teacher, "config.yaml")
         if not os.path.exists(tcfg):
-            raise SystemExit(f"rcekd distill: {tcfg} not found (is --teacher a train-teacher output?)")
+            raise FileNotFoundError(f"{tcfg} not found (is --teacher a train-teacher output?)")
         teacher_model = load_yaml(tcfg)["model"]["name"]
     cfg = resolve(a.dataset, "student", a.student, kd_method=a.kd, teacher_model=teacher_model,
                   user_config=_user_config(a.config), sets=a.sets, flags=_flags(a, student=True))
@@ -221,18 +240,16 @@ def cmd_distill(a):
 
 
 def cmd_evaluate(a):
-    import torch
-
     from .config import load_yaml
     from .evaluate import evaluate_model
-    from .models import build_model
+    from .files import load_torch
+    from .models import build_model, model_hparams
     from .runs import get_data
-    from .trainer import model_hparams
     cfg = load_yaml(os.path.join(a.run, "config.yaml"))
     if a.data_dir:
         cfg["data_dir"] = a.data_dir
     data = get_data(cfg)
-    saved = torch.load(os.path.join(a.run, "best_model.pt"), map_location="cpu", weights_only=False)
+    saved = load_torch(os.path.join(a.run, "best_model.pt"), "weights file", ("state",))
     model = build_model(cfg["model"]["name"], data, **model_hparams(cfg))
     model.load_state_dict(saved["state"])
     model.to(a.device or cfg.get("device") or "cpu")
@@ -293,12 +310,13 @@ def cmd_reproduce(a):
 
 def cmd_demo(a):
     from .config import resolve
-    from .runs import format_table, run_seeds
+    from .runs import check_seeds, format_table, run_seeds
     t_start = time.time()
     flags = {"device": a.device, "threads": a.threads}
     if a.no_progress:
         flags["train.progress"] = False
     seeds = a.seeds
+    check_seeds(seeds)
     base = {"seed": a.seed}
     teacher = resolve("synthetic", "teacher", "mf", sets=a.sets, flags={**flags, **base})
     scratch = resolve("synthetic", "student", "mf", kd_method="none", sets=a.sets, flags={**flags, **base})
@@ -332,8 +350,8 @@ def cmd_demo(a):
     print()
     print(f"demo on synthetic data, test split (full ranking, train items masked); total {time.time() - t_start:.0f}s")
     print(table)
-    with open(os.path.join(a.out, "demo_table.txt"), "w") as f:
-        f.write(table + "\n")
+    from .files import write_text
+    write_text(os.path.join(a.out, "demo_table.txt"), table + "\n")
     return 0
 
 
@@ -349,12 +367,27 @@ def main(argv=None) -> int:
           "download": cmd_download, "collect": cmd_collect, "reproduce": cmd_reproduce}[a.command]
     try:
         return fn(a)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"rcekd {a.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; the last complete epoch is checkpointed: rerun with --resume", file=sys.stderr)
+        print("\nrcekd: interrupted; the last complete epoch is checkpointed: rerun with --resume", file=sys.stderr)
         return 130
+    except Exception as e:  # every error is one line (the traceback with --debug)
+        if getattr(a, "debug", False):
+            traceback.print_exc()
+        print(f"rcekd: error: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
+#: the errors whose message says it all (the drivers' own, the system's, torch's); others are named by their type
+MESSAGE_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as one line: its message (lines joined by '; '); an unexpected one with its type, and
+    that --debug shows where it came from."""
+    msg = "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
+    if not isinstance(e, MESSAGE_ERRORS):
+        msg = f"{type(e).__name__}: {msg} (unexpected: --debug shows where)"
+    return msg
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Dict, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from .models.base import eval_mode
+
 METRICS = ("recall", "ndcg")
 CONVENTIONS = ("ours", "authors")
 
@@ -107,10 +109,6 @@ def evaluate_scores(score_fn, data, ks: Sequence[int] = (10, 20), splits: Iterab
 
 def evaluate_model(model, data, ks=(10, 20), splits=("valid", "test"), batch_size: int = 1024,
                    convention: str = "ours"):
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         u, i = model.represent_all()
         return evaluate_vectors(u, i, data, ks, splits, batch_size, convention)
-    finally:
-        model.train(was)

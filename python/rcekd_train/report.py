@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-import shutil
 from typing import Dict, List
 
 from . import config as C
 from .evaluate import metric_names
+from .files import atomic_write, copy_file, write_csv, write_json, write_text
 
 
 def _sanitize(cfg: Dict) -> Dict:
@@ -39,7 +40,7 @@ def collect(run_dirs: List[str], out: str, ks=(10, 20), write_summary: bool = Tr
             res = json.load(f)
         for fname in ("result.json", "history.csv", "curves.png"):
             if os.path.exists(os.path.join(d, fname)):
-                shutil.copyfile(os.path.join(d, fname), os.path.join(target, fname))
+                copy_file(os.path.join(d, fname), os.path.join(target, fname))
         cfg = _sanitize(C.load_yaml(os.path.join(d, "config.yaml")))
         C.dump(cfg, os.path.join(target, "config.yaml"))
         row = {"run": name, "role": res["role"], "model": res["model"], "kd": res["kd"],
@@ -52,18 +53,12 @@ def collect(run_dirs: List[str], out: str, ks=(10, 20), write_summary: bool = Tr
                 row[f"{split}_{m}"] = None if v is None else round(v, 5)
         rows.append(row)
     if rows and write_summary:
-        with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        write_csv(os.path.join(out, "summary.csv"), rows, fieldnames=list(rows[0]))
+        write_json(os.path.join(out, "summary.json"), rows)
         cols = ["run", "model", "dim", "kd", "teacher"] + [f"test_{m}" for m in metric_names(ks)] + \
                ["best_epoch", "s_per_epoch"]
-        with open(os.path.join(out, "summary.md"), "w") as f:
-            f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-            for r in rows:
-                f.write("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |\n")
+        write_text(os.path.join(out, "summary.md"), "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" +
+                   "".join("| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |\n" for r in rows))
     return rows
 
 
@@ -289,11 +284,9 @@ def table_report(runs_dir: str, dataset: str, out: str, seeds=None, copy_runs: b
         report["ablation"][name] = {"label": label, "n": st["n"], "seeds": st["seeds"], "metrics": cells}
 
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(os.path.join(out, "summary.json"), report)
     _write_table_csv(report, os.path.join(out, "summary.csv"))
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(_table_markdown(report, paper_ds is not None))
+    write_text(os.path.join(out, "summary.md"), _table_markdown(report, paper_ds is not None))
     report_plot(report, os.path.join(out, "summary.png"))
     if copy_runs:
         for name, runs in results.items():
@@ -304,25 +297,29 @@ def table_report(runs_dir: str, dataset: str, out: str, seeds=None, copy_runs: b
 
 
 def _write_table_csv(report: Dict, path: str) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["section", "pair", "row", "metric", "n", "mean", "std", "values", "paper", "rel_diff",
-                    "best_baseline", "improv_vs_best", "p_value", "paper_improv", "paper_p_value"])
-        for pair, e in report["table1"].items():
-            for row, r in e["rows"].items():
-                for m, c in r["metrics"].items():
-                    extra = [""] * 5
-                    if row == "rcekd":
-                        b = e["rcekd_vs_best"][m]
-                        extra = [b["best_baseline"] or "", b["improv"], b["p_value"], b["paper_improv"],
-                                 b["paper_p_value"]]
-                    w.writerow(["table1", pair, row, m, r["n"], c["mean"], c["std"],
-                                ";".join(f"{v:.6f}" for v in c["values"]), c["paper"], c["rel_diff"]] + extra)
-        for name, r in report["ablation"].items():
+    buf = io.StringIO(newline="")
+    _table_csv_rows(report, csv.writer(buf))
+    write_text(path, buf.getvalue())
+
+
+def _table_csv_rows(report: Dict, w) -> None:
+    w.writerow(["section", "pair", "row", "metric", "n", "mean", "std", "values", "paper", "rel_diff",
+                "best_baseline", "improv_vs_best", "p_value", "paper_improv", "paper_p_value"])
+    for pair, e in report["table1"].items():
+        for row, r in e["rows"].items():
             for m, c in r["metrics"].items():
-                w.writerow(["ablation", "mf->mf", name, m, r["n"], c["mean"], c["std"],
-                            ";".join(f"{v:.6f}" for v in c["values"]), "", c["rel_to_full"], "rcekd-mf-mf", "",
-                            c["p_vs_full"], "", ""])
+                extra = [""] * 5
+                if row == "rcekd":
+                    b = e["rcekd_vs_best"][m]
+                    extra = [b["best_baseline"] or "", b["improv"], b["p_value"], b["paper_improv"],
+                             b["paper_p_value"]]
+                w.writerow(["table1", pair, row, m, r["n"], c["mean"], c["std"],
+                            ";".join(f"{v:.6f}" for v in c["values"]), c["paper"], c["rel_diff"]] + extra)
+    for name, r in report["ablation"].items():
+        for m, c in r["metrics"].items():
+            w.writerow(["ablation", "mf->mf", name, m, r["n"], c["mean"], c["std"],
+                        ";".join(f"{v:.6f}" for v in c["values"]), "", c["rel_to_full"], "rcekd-mf-mf", "",
+                        c["p_vs_full"], "", ""])
 
 
 def _table_markdown(report: Dict, have_paper: bool) -> str:
@@ -421,6 +418,54 @@ def report_plot(report: Dict, path: str, metric: str = "ndcg@20") -> bool:
         ax.legend(fontsize=7)
     fig.suptitle(f"{report['dataset']}: test {metric} (metric convention: {', '.join(report['metric_convention'])})")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), durable=False)
+    plt.close(fig)
+    return True
+
+
+def plot_history(history, path: str, title: str = "") -> bool:
+    """Learning curves (loss, metrics, KD diagnostics) to a PNG; False when matplotlib is missing."""
+    if not history:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    ep = [r["epoch"] for r in history]
+    has_diag = any("gamma" in r for r in history)
+    n = 3 if has_diag else 2
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
+    ax = axes[0]
+    ax.plot(ep, [r["base_loss"] for r in history], label="base")
+    if any(r.get("kd_loss") for r in history):
+        ax2 = ax.twinx()
+        ax2.plot(ep, [r.get("kd_loss", 0) for r in history], color="tab:red", label="kd")
+        ax2.set_ylabel("kd loss", color="tab:red")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("base loss")
+    ax.set_title("training loss")
+    ax = axes[1]
+    for key, style in (("valid_ndcg@20", "-"), ("test_ndcg@20", "-"), ("valid_recall@20", "--"),
+                       ("test_recall@20", "--")):
+        pts = [(r["epoch"], r[key]) for r in history if key in r]
+        if pts:
+            ax.plot(*zip(*pts), style, label=key)
+    ax.set_xlabel("epoch")
+    ax.set_title("metrics")
+    ax.legend(fontsize=7)
+    if has_diag:
+        ax = axes[2]
+        for key in ("gamma", "q1_frac"):
+            pts = [(r["epoch"], r[key]) for r in history if key in r]
+            if pts:
+                ax.plot(*zip(*pts), label="|Q1|/K" if key == "q1_frac" else key)
+        ax.set_xlabel("epoch")
+        ax.set_title("RCE-KD diagnostics")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80), durable=False)
     plt.close(fig)
     return True

@@ -11,8 +11,8 @@ Every action is appended to ``DIR/reproduce.log``; each run's epoch lines go to 
 ``--list`` prints the plan with the state of each run: ``done`` (result.json of a finished run),
 ``partial`` (a checkpoint, or a run ended by its time limit), ``todo`` (nothing yet). Several queues may
 work on one runs directory at once (e.g. one per free core): a run being trained holds ``.run.lock`` in its
-directory, and the other queues leave it alone. The queue is a thin layer over
-:func:`rcekd_train.runs.run_one`.
+directory (:mod:`rcekd_train.lock`, the trainer's own lock), and the other queues leave it alone. The queue is a
+thin layer over :func:`rcekd_train.runs.run_one`.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import config as C
+from .files import append_line
+from .lock import held_by_other, try_lock
 
 FINISHED = ("early_stop", "max_epochs", "finished")
 
@@ -154,11 +156,15 @@ class Queue:
         self.wait_s = wait_s
         self.sets = list(sets)
         self.threads, self.device, self.max_minutes = threads, device, max_minutes_per_run
+        from .runs import check_seeds
+        check_seeds(seeds)
         self.all = plan(seeds)
         self.runs = select_runs(self.all, only)
         if only and not self.runs:
             raise ValueError(f"--only {list(only)} matches no run; run ids look like "
                              f"{self.all[0].id!r}, {self.all[-1].id!r}")
+        for r in self.runs:  # a bad --set (an unknown key, a bad value) is refused now, not by every run later
+            run_config(r, dataset, runs_dir, data_dir, threads, device, max_minutes_per_run, self.sets)
         self.print = lambda msg: print(msg, file=out, flush=True)
 
     # --- state --------------------------------------------------------------------------------
@@ -179,8 +185,7 @@ class Queue:
     def log(self, msg: str) -> None:
         os.makedirs(self.runs_dir, exist_ok=True)
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {msg}"
-        with open(os.path.join(self.runs_dir, "reproduce.log"), "a") as f:
-            f.write(line + "\n")
+        append_line(os.path.join(self.runs_dir, "reproduce.log"), line)
         self.print(line)
 
     # --- running ------------------------------------------------------------------------------
@@ -190,20 +195,15 @@ class Queue:
         cfg = run_config(r, self.dataset, self.runs_dir, self.data_dir, self.threads, self.device,
                          self.max_minutes, self.sets)
         os.makedirs(out, exist_ok=True)
-        train_log = open(os.path.join(out, "train.log"), "a")
 
         def log(msg):
-            train_log.write(msg + "\n")
-            train_log.flush()
+            append_line(os.path.join(out, "train.log"), msg)
             self.print(f"  [{r.id}] {msg}")
 
         t0 = time.time()
         before = self.state(r)[0]
         self.log(f"start  {r.id} ({before})")
-        try:
-            res = run_one(cfg, out, resume=True, log=log)
-        finally:
-            train_log.close()
+        res = run_one(cfg, out, resume=True, log=log)
         status = res.get("status")
         self.log(f"end    {r.id}: {status}, {res.get('epochs_run', res.get('epoch'))} epochs, "
                  f"{time.time() - t0:.0f} s this time")
@@ -237,13 +237,13 @@ class Queue:
                 if self.blocked(r):
                     t_out = os.path.join(self.runs_dir, r.teacher_id)
                     why = ("failed" if r.teacher_id in failed else
-                           "is being trained by another queue" if _held_by_other(t_out) else "is not done")
-                    busy |= _held_by_other(t_out)
+                           "is being trained by another queue" if held_by_other(t_out) else "is not done")
+                    busy |= held_by_other(t_out)
                     say_once(("wait", r.id, why), f"wait   {r.id}: its teacher {r.teacher_id} {why}"
                              + ("" if any(t.id == r.teacher_id for t in self.runs) else
                                 " and is not selected (--only)"))
                     continue
-                release = _try_lock(r.out(self.runs_dir))
+                release = try_lock(r.out(self.runs_dir), log=self.log)
                 if release is None:
                     busy = True
                     say_once(("busy", r.id), f"skip   {r.id}: another queue is running it")
@@ -268,71 +268,3 @@ class Queue:
             self.log(f"stopped with {len(left)} run(s) not done ({len(failed)} failed: "
                      f"{', '.join(failed) or '-'}); rerun the same command to continue")
         return len(left)
-
-
-LOCK_NAME = ".run.lock"
-
-
-def _start_time(pid: int) -> str:
-    """The start time of a process (Linux /proc; '' elsewhere): a lock names "pid start", so a reused pid
-    after a reboot is not taken for the queue that left the lock."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _lock_owner(out: str):
-    try:
-        with open(os.path.join(out, LOCK_NAME)) as f:
-            parts = f.read().split()
-        return int(parts[0]), (parts[1] if len(parts) > 1 else "")
-    except (OSError, ValueError, IndexError):
-        return 0, ""
-
-
-def _held_by_other(out: str) -> bool:
-    pid, start = _lock_owner(out)
-    if not pid or pid == os.getpid() or not _alive(pid):
-        return False
-    return not start or not _start_time(pid) or start == _start_time(pid)
-
-
-def _try_lock(out: str):
-    """Takes ``out/.run.lock`` for this process (atomically; a lock of a dead process is taken over);
-    returns its release function, or None when another live process holds it."""
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, LOCK_NAME)
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _held_by_other(out):
-                return None
-            try:
-                os.remove(path)  # stale: its process is gone
-            except OSError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {_start_time(os.getpid())}")
-
-        def release():
-            if _lock_owner(out)[0] == os.getpid():
-                try:
-                    os.remove(path)
-                except OSError:
-                    pass
-        return release
-    return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

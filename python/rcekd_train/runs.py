@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import os
 from typing import Dict, List, Optional
 
@@ -11,7 +9,9 @@ import numpy as np
 
 from .data import load_dataset
 from .evaluate import metric_names
-from .trainer import Trainer, load_teacher
+from .files import write_csv, write_json
+from .kd import kd_from_config, load_teacher
+from .trainer import Trainer
 
 _DATA_CACHE: Dict = {}
 
@@ -25,22 +25,31 @@ def get_data(cfg: Dict):
 
 
 def run_one(cfg: Dict, out: str, resume: bool = False, log=None) -> Dict:
+    """Trains one configured run in ``out`` (a student's teacher loaded from ``cfg["teacher_dir"]``)."""
     data = get_data(cfg)
+    kd = kd_from_config(cfg, data)  # the KD method, built once; its teacher is loaded with what it needs
     teacher = None
-    if cfg["role"] == "student" and (cfg.get("kd") or {}).get("method", "none") != "none":
+    if kd is not None:
         if not cfg.get("teacher_dir"):
             raise ValueError("distillation needs a teacher: --teacher RUN_DIR (a `rcekd train-teacher` output)")
-        from .kd import build_kd
-        kd_cfg = {k: v for k, v in cfg["kd"].items() if k not in ("method", "lambda")}
-        need = build_kd(cfg["kd"]["method"], None, data, 0, **kd_cfg).topk_needed()
-        teacher, _ = load_teacher(cfg["teacher_dir"], data, cfg.get("device") or "cpu", need)
-        teacher.run_dir = cfg["teacher_dir"]  # HetComp reads the teacher's kept trajectory there
-    return Trainer(cfg, data, out, teacher, log=log).run(resume=resume)
+        teacher, _ = load_teacher(cfg["teacher_dir"], data, cfg.get("device") or "cpu", kd.topk_needed())
+    return Trainer(cfg, data, out, teacher, log=log, kd=kd).run(resume=resume)
+
+
+def check_seeds(seeds) -> None:
+    """Refuses a seed list with a repeated seed (its runs would share a directory and count twice)."""
+    seen = set()
+    for s in seeds or ():
+        if s in seen:
+            raise ValueError(f"--seeds lists seed {s} more than once ({' '.join(map(str, seeds))}): each seed is "
+                             f"one run")
+        seen.add(s)
 
 
 def run_seeds(cfg: Dict, out: str, seeds: Optional[List[int]], resume: bool = False, log=None) -> Dict:
     """One run (``seeds`` None) in ``out``, or one per seed in ``out/seed_<s>`` plus ``summary.json`` /
     ``summary.csv`` (mean and std over the seeds)."""
+    check_seeds(seeds)
     if not seeds:
         return run_one(cfg, out, resume, log)
     results = []
@@ -51,14 +60,10 @@ def run_seeds(cfg: Dict, out: str, seeds: Optional[List[int]], resume: bool = Fa
     done = [r for r in results if r.get("status") != "interrupted"]
     summary = summarize(done, seeds)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["split", "metric", "mean", "std", "n"])
-        for split in ("valid", "test"):
-            for m, v in summary.get(split, {}).items():
-                w.writerow([split, m, v["mean"], v["std"], v["n"]])
+    write_json(os.path.join(out, "summary.json"), summary)
+    write_csv(os.path.join(out, "summary.csv"), [{"split": split, "metric": m, **v} for split in ("valid", "test")
+                                                for m, v in summary.get(split, {}).items()],
+              fieldnames=["split", "metric", "mean", "std", "n"])
     return summary
 
 

@@ -17,29 +17,40 @@ Files in the run directory (``--out``):
                       trajectory, which HetComp distils): the same format as ``best_model.pt``, weights
                       only (no optimizer or RNG state). Written before the epoch's ``checkpoint.pt``, so a
                       resumed run never lacks one of its epochs (a rerun epoch rewrites the same file).
+
+A run (:meth:`Trainer.run`) is: start (config, model, optimizer, the KD method's teacher, and on
+``--resume`` the checkpoint's state), then epochs (the KD refresh, the batches, the evaluation and
+the best epoch, the trajectory, the checkpoint) until the :class:`StopPolicy` ends it, then the
+result (:meth:`Trainer.finish`).
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import random
 import sys
 import time
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
 from . import config as C
 from .evaluate import evaluate_model, metric_names
-from .kd import FrozenTeacher, build_kd, load_topk, save_topk, topk_from_vectors
+from .files import load_torch, remove_stale_temps, save_torch, write_csv, write_json
+from .kd import FrozenTeacher, KDMethod, cache_topk, kd_from_config, kd_lambda
 from .kd.teacher import TRAJECTORY_DIR, trajectory_path
-from .models import build_model
+from .lock import run_lock
+from .models import build_model, model_hparams
+from .report import plot_history
 
-IGNORED_ON_RESUME = {("train", "epochs"), ("train", "patience"), ("train", "progress"), ("train", "max_minutes"),
-                     ("train", "stop_after"), ("train", "plot"), ("device",), ("threads",), ("data_dir",)}
+CHECKPOINT_KEYS = ("model", "optimizer", "generator", "torch_rng", "numpy_rng", "python_rng", "state")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training step's loss was NaN or infinite (``train.nonfinite: error``)."""
 
 
 def set_threads(n: Optional[int]) -> None:
@@ -53,6 +64,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_states() -> Dict:
+    """Every global RNG state (a checkpoint's, restored by :func:`restore_rng_states`)."""
+    return {"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+
+
+def restore_rng_states(ck: Dict) -> None:
+    torch.set_rng_state(ck["torch_rng"])
+    np.random.set_state(ck["numpy_rng"])
+    random.setstate(ck["python_rng"])
+    if ck.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+
+
 def make_optimizer(model, lr: float, wd: float):
     """Adam with L2 weight decay (the authors' optimiser); the fused kernel when available (several times
     faster on CPU for large embedding tables)."""
@@ -60,10 +84,6 @@ def make_optimizer(model, lr: float, wd: float):
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
-
-
-def model_hparams(cfg: Dict) -> Dict:
-    return {k: v for k, v in cfg["model"].items() if k != "name"}
 
 
 def _accumulate(sums: Dict, values: Dict) -> None:
@@ -75,31 +95,34 @@ def _accumulate(sums: Dict, values: Dict) -> None:
         sums[k] = sums[k] + v if k in sums else v
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class EpochLosses:
+    """An epoch's running sums of the losses and KD diagnostics, and each step's losses: all on the device
+    (a step never waits for the host), read once, at the end of the epoch (``means``, ``first_nonfinite``)."""
 
+    def __init__(self):
+        self.sums: Dict = {"loss": 0.0, "base_loss": 0.0, "kd_loss": 0.0}
+        self.diag: Dict = {}
+        self.steps: list = []  # (step number, loss, base loss, KD loss) of every step taken
+        self.skipped = 0
 
-def _flatten(prefix, d, out):
-    for k, v in d.items():
-        key = prefix + (k,)
-        if isinstance(v, dict):
-            _flatten(key, v, out)
-        else:
-            out[key] = v
-    return out
+    def add(self, step: int, loss, base, kd_loss, diag: Dict) -> None:
+        _accumulate(self.sums, {"loss": loss, "base_loss": base, "kd_loss": kd_loss})
+        _accumulate(self.diag, diag)
+        self.steps.append((step, loss.detach(), base.detach(), None if kd_loss is None else kd_loss.detach()))
 
+    def means(self) -> Dict:
+        n = max(len(self.steps), 1)
+        out = {k: float(v) / n for k, v in self.sums.items()}
+        out.update({k: float(v) / n for k, v in self.diag.items()})
+        return out
 
-def config_differences(a: Dict, b: Dict):
-    fa, fb = _flatten((), a, {}), _flatten((), b, {})
-    diffs = []
-    for k in sorted(set(fa) | set(fb), key=str):
-        if k in IGNORED_ON_RESUME:
-            continue
-        if fa.get(k) != fb.get(k):
-            diffs.append((".".join(k), fa.get(k), fb.get(k)))
-    return diffs
+    def first_nonfinite(self):
+        """(step, loss, base, kd) of the first step whose loss is NaN or infinite, or None (one host
+        synchronisation for the whole epoch)."""
+        if not self.steps:
+            return None
+        bad = ~torch.stack([torch.isfinite(s[1]) for s in self.steps])
+        return self.steps[int(bad.nonzero()[0, 0])] if bool(bad.any()) else None
 
 
 def kept_epoch(train_cfg: Dict, epoch: int) -> bool:
@@ -108,213 +131,303 @@ def kept_epoch(train_cfg: Dict, epoch: int) -> bool:
     return bool(every and epoch % int(every) == 0) or epoch in (train_cfg.get("keep_epochs") or [])
 
 
-def load_teacher(teacher_dir: str, data, device="cpu", need_topk: int = 0) -> (FrozenTeacher, Dict):
-    """Loads a trained teacher run directory as a frozen teacher (vectors + cached top-K)."""
-    cfg_path = os.path.join(teacher_dir, "config.yaml")
-    model_path = os.path.join(teacher_dir, "best_model.pt")
-    for p in (cfg_path, model_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} not found: is {teacher_dir} a finished `rcekd train-teacher` run?")
-    tcfg = C.load_yaml(cfg_path)
-    saved = torch.load(model_path, map_location="cpu", weights_only=False)
-    if saved.get("data_fingerprint") not in (None, data.fingerprint()):
-        raise ValueError(f"the teacher in {teacher_dir} was trained on different data "
-                         f"({saved.get('data_fingerprint')} != {data.fingerprint()})")
-    model = build_model(tcfg["model"]["name"], data, **model_hparams(tcfg))
-    model.load_state_dict(saved["state"])
-    model.to(device)
-    topk = None
-    topk_path = os.path.join(teacher_dir, "teacher_topk.pt")
-    teacher = FrozenTeacher.from_model(model)
-    if os.path.exists(topk_path):
-        topk, meta = load_topk(topk_path)
-        if meta.get("exclude_train"):
-            raise ValueError(f"{topk_path} excludes training items; the KD methods expect the plain top-K")
-    if topk is None or topk.shape[1] < min(need_topk, data.num_items):
-        topk = topk_from_vectors(teacher.user_vecs, teacher.item_vecs, max(need_topk, 1))
-    teacher.topk_cache = topk.to(device)
-    del model
-    return teacher, tcfg
+def fresh_state() -> Dict:
+    """The bookkeeping of a run before its first epoch (saved in every checkpoint)."""
+    return {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad": 0, "history": [],
+            "elapsed_s": 0.0, "done": False}
+
+
+@dataclass
+class StopPolicy:
+    """When a run ends: after ``epochs`` epochs in all (``max_epochs``), after ``patience`` evaluations without
+    a better valid metric (``early_stop``), after ``stop_after`` epochs of this invocation (``interrupted``:
+    resumable, for tests) or once ``max_minutes`` of this invocation's wall time have passed
+    (``time_limit``: it ends with the best epoch so far; ``--resume`` continues it)."""
+
+    epochs: int
+    patience: int
+    stop_after: Optional[int] = None
+    max_minutes: Optional[float] = None
+    started: float = field(default_factory=time.time)
+    epochs_here: int = 0
+
+    @classmethod
+    def from_config(cls, t: Dict) -> "StopPolicy":
+        return cls(int(t["epochs"]), int(t["patience"]), t.get("stop_after"), t.get("max_minutes"))
+
+    def finished(self, state: Dict) -> bool:
+        """Whether the run is over for good (no --resume continues it)."""
+        return state["bad"] >= self.patience or state["epoch"] >= self.epochs
+
+    def before_first_epoch(self, state: Dict) -> Optional[str]:
+        """``max_epochs`` when no epoch is left (a resumed run with fewer epochs), else None."""
+        return "max_epochs" if state["epoch"] >= self.epochs else None
+
+    def after_epoch(self, state: Dict) -> Optional[str]:
+        """The status that ends the run after the epoch just recorded in ``state``, or None to go on."""
+        self.epochs_here += 1
+        if state["bad"] >= self.patience:
+            return "early_stop"
+        if state["epoch"] >= self.epochs:
+            return "max_epochs"
+        if self.stop_after is not None and self.epochs_here >= int(self.stop_after):
+            return "interrupted"
+        if self.max_minutes is not None and time.time() - self.started > 60 * float(self.max_minutes):
+            return "time_limit"
+        return None
+
+
+@dataclass
+class Live:
+    """What a run holds while it trains: the model, its optimizer, the batch generator and the state."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    state: Dict
+
+
+class Progress:
+    """The progress bar of one epoch (tqdm; nothing when off): it reads the loss from the device at most
+    once per refresh."""
+
+    def __init__(self, batches, epoch: int, enabled: bool):
+        self.batches, self.bar, self.last = batches, None, time.time()
+        if enabled:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(batches, total=len(batches), desc=f"epoch {epoch + 1}", leave=False,
+                            mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+
+    def __iter__(self):
+        return iter(self.bar if self.bar is not None else self.batches)
+
+    def show(self, loss, base) -> bool:
+        """Shows the loss when a refresh is due; False when the loss it read is not finite."""
+        if self.bar is not None and time.time() - self.last >= self.bar.mininterval:
+            self.last = time.time()
+            value = float(loss)
+            self.bar.set_postfix(loss=f"{value:.4g}", base=f"{float(base):.4g}")
+            return math.isfinite(value)
+        return True
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class Trainer:
-    def __init__(self, cfg: Dict, data, out_dir: str, teacher: Optional[FrozenTeacher] = None, log=None):
+    def __init__(self, cfg: Dict, data, out_dir: str, teacher: Optional[FrozenTeacher] = None, log=None,
+                 kd: Optional[KDMethod] = None):
         self.cfg, self.data, self.out = cfg, data, out_dir
         self.teacher = teacher
         self.log = log or (lambda msg: print(msg, flush=True))
         self.device = torch.device(cfg.get("device") or "cpu")
+        C.check(cfg)  # the keys and values of the config (also of one changed after config.resolve)
         self.t = cfg["train"]
         self.ks = tuple(self.t.get("ks", (10, 20)))
         self.metric = self.t.get("early_stop_metric", "ndcg@10")
-        if self.metric not in metric_names(self.ks):
-            raise ValueError(f"train.early_stop_metric must be one of {metric_names(self.ks)}, got {self.metric!r}")
+        self.kd = kd if kd is not None else kd_from_config(cfg, data)
+        self.lam = kd_lambda(cfg)
+        self.skip_nonfinite = self.t.get("nonfinite", "error") == "skip"
 
     # --- files ----------------------------------------------------------------------------------
     def path(self, name):
         return os.path.join(self.out, name)
 
     def _write_history(self, history):
-        with open(self.path("history.json"), "w") as f:
-            json.dump(history, f, indent=1)
+        write_json(self.path("history.json"), history)
         if history:
-            cols = []
-            for row in history:
-                cols += [k for k in row if k not in cols]
-            with open(self.path("history.csv"), "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=cols)
-                w.writeheader()
-                w.writerows(history)
+            write_csv(self.path("history.csv"), history)
 
-    # --- the loop ---------------------------------------------------------------------------------
+    def _save_weights(self, model, epoch: int, path: str) -> None:
+        """The weights after ``epoch`` in the format of best_model.pt (and of the trajectory's files)."""
+        save_torch({"model": self.cfg["model"]["name"], "hparams": model_hparams(self.cfg),
+                    "state": model.state_dict(), "epoch": epoch, "data_fingerprint": self.data.fingerprint()}, path)
+
+    # --- the run --------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Dict:
-        cfg, t = self.cfg, self.t
-        os.makedirs(self.out, exist_ok=True)
-        ckpt_path = self.path("checkpoint.pt")
-        if resume and os.path.exists(ckpt_path):
-            old = C.load_yaml(self.path("config.yaml"))
-            diffs = config_differences(old, cfg)
-            if diffs:
-                lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs)
-                raise ValueError(f"--resume with a different config than {self.path('config.yaml')}:\n{lines}")
-        elif resume:
-            self.log(f"no checkpoint in {self.out}: starting from scratch")
-            resume = False
-        C.dump(cfg, self.path("config.yaml"))
+        """Trains the configured run in ``out`` (continues it from its checkpoint with ``resume``) until the
+        stop policy ends it; returns the result (``{"status": "interrupted", ...}`` for a stop_after). The run
+        holds the directory's lock throughout (another run into it is refused)."""
+        with run_lock(self.out, log=self.log):
+            for folder in (self.out, self.path(TRAJECTORY_DIR)):
+                remove_stale_temps(folder)  # of a writer that was killed; none is alive: we hold the lock
+            ck = self._checkpoint_to_resume(resume)
+            if ck is not None and ck["state"]["done"]:
+                return self._already_finished(ck)
+            live = self._start(ck)
+            stop = StopPolicy.from_config(self.t)
+            status = stop.before_first_epoch(live.state)
+            while status is None:
+                row, improved = self._epoch(live)
+                self._end_epoch(live, row, improved, stop)
+                status = stop.after_epoch(live.state)
+            if status == "interrupted":
+                self.log(f"stopped after epoch {live.state['epoch']} (resume with --resume --out {self.out})")
+                return {"status": "interrupted", "epoch": live.state["epoch"], "out": self.out}
+            return self.finish(live.model, live.state, status)
 
-        set_threads(cfg.get("threads"))
-        seed = int(cfg.get("seed", 0))
+    def _already_finished(self, ck: Dict) -> Dict:
+        """The result of a finished run, read from its result.json: nothing on disk changes. Only when that
+        file is missing or unreadable (killed right after its last checkpoint) is the result written now."""
+        self.log("this run had already finished")
+        try:
+            with open(self.path("result.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            live = self._start(ck)
+            return self.finish(live.model, live.state, "finished")
+
+    def _start(self, ck: Optional[Dict]) -> Live:
+        """The config file, the model, optimizer and batch generator (seeded), the KD method's teacher, and
+        the state of the checkpoint ``ck`` when the run is resumed."""
+        C.dump(self.cfg, self.path("config.yaml"))
+        set_threads(self.cfg.get("threads"))
+        seed = int(self.cfg.get("seed", 0))
         seed_everything(seed)
-        model = build_model(cfg["model"]["name"], self.data, **model_hparams(cfg)).to(self.device)
-        opt = make_optimizer(model, float(t["lr"]), float(t["wd"]))
-        gen = torch.Generator().manual_seed(seed)
-        kd_cfg = dict(cfg.get("kd") or {"method": "none"})
-        method = kd_cfg.pop("method", "none")
-        lam = float(kd_cfg.pop("lambda", 0.0))
-        kd = None
-        if cfg["role"] == "student" and method != "none":
+        model = build_model(self.cfg["model"]["name"], self.data, **model_hparams(self.cfg)).to(self.device)
+        live = Live(model, make_optimizer(model, float(self.t["lr"]), float(self.t["wd"])),
+                    torch.Generator().manual_seed(seed), fresh_state())
+        if self.kd is not None:
             if self.teacher is None:
-                raise ValueError(f"kd method {method!r} needs a teacher (--teacher RUN_DIR)")
-            kd = build_kd(method, self.teacher, self.data, seed, **kd_cfg)
-        state = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad": 0, "history": [],
-                 "elapsed_s": 0.0, "done": False}
-        if resume:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            gen.set_state(ck["generator"])
-            torch.set_rng_state(ck["torch_rng"])
-            np.random.set_state(ck["numpy_rng"])
-            random.setstate(ck["python_rng"])
-            if ck.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ck["cuda_rng"])
-            if kd is not None and ck.get("kd_state"):
-                kd.load_state_dict(ck["kd_state"])  # methods with a curriculum (HetComp) continue it
-            state = ck["state"]
-            self.log(f"resumed {self.out} after epoch {state['epoch']}")
-        if state["done"]:
-            self.log("this run had already finished")
-            return self.finish(model, state, "finished")
+                raise ValueError(f"kd method {self.kd.name!r} needs a teacher (--teacher RUN_DIR)")
+            self.kd.attach(self.teacher)
+        if ck is not None:
+            self._restore(live, ck)
+        return live
 
-        progress = bool(t.get("progress", True))
-        if progress:
-            from tqdm.auto import tqdm
-        start_wall = time.time()
-        stop_after = t.get("stop_after")
-        max_minutes = t.get("max_minutes")
-        epochs_here = 0
-        status = "max_epochs"
-        while state["epoch"] < int(t["epochs"]):
-            epoch = state["epoch"]
-            t0 = time.time()
-            if kd is not None:
-                kd.on_epoch_start(model, epoch)
-            t1 = time.time()
-            model.train()
-            # running sums stay on the device (0-dim tensors): a step never waits for the host; they are
-            # read once, at the end of the epoch (and by the progress bar at most once per refresh)
-            sums, diag_sums, n_batches = {"loss": 0.0, "base_loss": 0.0, "kd_loss": 0.0}, {}, 0
-            last_postfix = time.time()
-            batches = model.batches(self.data, int(t["batch_size"]), gen)
-            bar = None
-            if progress:
-                bar = tqdm(batches, total=len(model._batcher), desc=f"epoch {epoch + 1}", leave=False,
-                           mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
-                batches = bar
-            for batch in batches:
-                base, users, uv, iv = model.base_loss(batch)
-                if kd is not None:
-                    kd_loss, diag = kd.batch_loss(users, uv, iv, state["step"])
-                    loss = base + lam * kd_loss
-                else:
-                    kd_loss, diag = None, {}
-                    loss = base
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                state["step"] += 1
-                n_batches += 1
-                _accumulate(sums, {"loss": loss, "base_loss": base, "kd_loss": kd_loss})
-                _accumulate(diag_sums, diag)
-                if bar is not None and time.time() - last_postfix >= bar.mininterval:
-                    last_postfix = time.time()
-                    bar.set_postfix(loss=f"{float(loss):.4g}", base=f"{float(base):.4g}")
-            if bar is not None:
-                bar.close()
-            t2 = time.time()
-            row = {"epoch": epoch + 1}
-            row.update({k: float(v) / max(n_batches, 1) for k, v in sums.items()})
-            row.update({k: float(v) / max(n_batches, 1) for k, v in diag_sums.items()})
-            row["time_kd_refresh_s"] = t1 - t0
-            row["time_train_s"] = t2 - t1
-            improved = False
-            if (epoch + 1) % int(t["eval_every"]) == 0 or epoch + 1 == int(t["epochs"]):
-                res = evaluate_model(model, self.data, self.ks, batch_size=int(t.get("eval_batch_size", 1024)),
-                                     convention=t.get("metric_convention", "ours"))
-                for split, ms in res.items():
-                    row.update({f"{split}_{m}": v for m, v in ms.items()})
-                cur = res["valid"][self.metric]
-                if cur > state["best"]:
-                    state.update(best=cur, best_epoch=epoch + 1, bad=0)
-                    improved = True
-                    _atomic_save({"model": cfg["model"]["name"], "hparams": model_hparams(cfg),
-                                  "state": model.state_dict(), "epoch": epoch + 1,
-                                  "data_fingerprint": self.data.fingerprint()}, self.path("best_model.pt"))
-                else:
-                    state["bad"] += 1
-            if kept_epoch(t, epoch + 1):  # the training trajectory (before the checkpoint: resume-safe)
-                os.makedirs(self.path(TRAJECTORY_DIR), exist_ok=True)
-                _atomic_save({"model": cfg["model"]["name"], "hparams": model_hparams(cfg),
-                              "state": model.state_dict(), "epoch": epoch + 1,
-                              "data_fingerprint": self.data.fingerprint()}, trajectory_path(self.out, epoch + 1))
-            row["time_eval_s"] = time.time() - t2
-            row["time_epoch_s"] = time.time() - t0
-            state["history"].append(row)
-            state["epoch"] = epoch + 1
-            state["elapsed_s"] += row["time_epoch_s"]
-            early = state["bad"] >= int(t["patience"])
-            state["done"] = early or state["epoch"] >= int(t["epochs"])
-            _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "generator": gen.get_state(),
-                          "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                          "python_rng": random.getstate(), "state": state,
-                          "kd_state": kd.state_dict() if kd is not None else None,
-                          "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                         ckpt_path)
-            self._write_history(state["history"])
-            self.log(self._line(row, improved))
-            epochs_here += 1
-            if early:
-                status = "early_stop"
+    def _checkpoint_to_resume(self, resume: bool) -> Optional[Dict]:
+        """The checkpoint to continue from: asked, present and readable (a truncated one is an error that
+        says so), with the same config (up to C.IGNORED_ON_RESUME); None to start from scratch."""
+        if not resume:
+            return None
+        if not os.path.exists(self.path("checkpoint.pt")):
+            self.log(f"no checkpoint in {self.out}: starting from scratch")
+            return None
+        diffs = C.config_differences(C.load_yaml(self.path("config.yaml")), self.cfg)
+        if diffs:
+            lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs)
+            raise ValueError(f"--resume with a different config than {self.path('config.yaml')}:\n{lines}")
+        return load_torch(self.path("checkpoint.pt"), "checkpoint", CHECKPOINT_KEYS)
+
+    def _restore(self, live: Live, ck: Dict) -> None:
+        live.model.load_state_dict(ck["model"])
+        live.opt.load_state_dict(ck["optimizer"])
+        live.gen.set_state(ck["generator"])
+        restore_rng_states(ck)
+        if self.kd is not None and ck.get("kd_state"):
+            self.kd.load_state_dict(ck["kd_state"])  # methods with a curriculum (HetComp) continue it
+        live.state = ck["state"]
+        self.log(f"resumed {self.out} after epoch {live.state['epoch']}")
+
+    # --- one epoch ------------------------------------------------------------------------------
+    def _epoch(self, live: Live) -> Tuple[Dict, bool]:
+        """The KD refresh, the batches and (when due) the evaluation of one epoch, and the trajectory's
+        weights: its history row and whether it is the best so far."""
+        epoch = live.state["epoch"]
+        t0 = time.time()
+        if self.kd is not None:
+            self.kd.on_epoch_start(live.model, epoch)
+        t1 = time.time()
+        losses = self._train_batches(live, epoch)
+        t2 = time.time()
+        row = {"epoch": epoch + 1, **losses.means()}
+        if self.skip_nonfinite:
+            row["skipped_steps"] = losses.skipped
+        row.update(time_kd_refresh_s=t1 - t0, time_train_s=t2 - t1)
+        due = (epoch + 1) % int(self.t["eval_every"]) == 0 or epoch + 1 == int(self.t["epochs"])
+        improved = self._evaluate(live, row) if due else False
+        if kept_epoch(self.t, epoch + 1):  # the training trajectory (before the checkpoint: resume-safe)
+            os.makedirs(os.path.dirname(trajectory_path(self.out, epoch + 1)), exist_ok=True)
+            self._save_weights(live.model, epoch + 1, trajectory_path(self.out, epoch + 1))
+        row["time_eval_s"] = time.time() - t2
+        row["time_epoch_s"] = time.time() - t0
+        return row, improved
+
+    def _train_batches(self, live: Live, epoch: int) -> EpochLosses:
+        """The training steps of one epoch and their losses. A non-finite loss stops the run
+        (NonFiniteLossError; found when the epoch's losses are read, or earlier when the progress bar reads
+        one), before anything of the epoch is written: the last checkpoint is the last good epoch's."""
+        live.model.train()
+        losses = EpochLosses()
+        batches = live.model.batches(self.data, int(self.t["batch_size"]), live.gen)
+        bar = Progress(batches, epoch, bool(self.t.get("progress", True)))
+        for batch in bar:
+            step = live.state["step"]
+            out = self._step(live, batch)
+            if out is None:
+                losses.skipped += 1
+                continue
+            losses.add(step, *out)
+            if not bar.show(out[0], out[1]):
                 break
-            if stop_after is not None and epochs_here >= int(stop_after) and not state["done"]:
-                status = "interrupted"
-                break
-            if max_minutes is not None and time.time() - start_wall > 60 * float(max_minutes) and not state["done"]:
-                status = "time_limit"  # finished with the best epoch so far; --resume can continue it
-                break
-        if status == "interrupted":
-            self.log(f"stopped after epoch {state['epoch']} (resume with --resume --out {self.out})")
-            return {"status": "interrupted", "epoch": state["epoch"], "out": self.out}
-        return self.finish(model, state, status)
+        bar.close()
+        bad = losses.first_nonfinite()
+        if bad is not None or (losses.skipped and not losses.steps):
+            raise self._nonfinite_error(epoch, bad, losses.skipped)
+        return losses
+
+    def _step(self, live: Live, batch):
+        """One optimisation step on base + lambda x KD: (loss, base loss, KD loss or None, KD diagnostics);
+        None for a step skipped for its non-finite loss (``train.nonfinite: skip``: a host synchronisation
+        per step)."""
+        base, users, uv, iv = live.model.base_loss(batch)
+        kd_loss, diag = None, {}
+        if self.kd is not None:
+            kd_loss, diag = self.kd.batch_loss(users, uv, iv, live.state["step"])
+        loss = base + self.lam * kd_loss if kd_loss is not None else base
+        live.state["step"] += 1
+        if self.skip_nonfinite and not bool(torch.isfinite(loss)):
+            return None
+        live.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        live.opt.step()
+        return loss, base, kd_loss, diag
+
+    def _nonfinite_error(self, epoch: int, bad, skipped: int) -> NonFiniteLossError:
+        last = (f"its last good checkpoint (after epoch {epoch}) is {self.path('checkpoint.pt')}: --resume continues "
+                f"from it (e.g. with a lower train.lr, or --set train.nonfinite=skip to skip such steps)"
+                if epoch else "no epoch had completed (nothing to resume)")
+        if bad is None:
+            return NonFiniteLossError(f"every step of epoch {epoch + 1} ({skipped}) had a non-finite loss and was "
+                                      f"skipped; the run is stopped and {last}")
+        step, loss, base, kd_loss = bad
+        kd = "" if kd_loss is None else f", kd loss {float(kd_loss)}"
+        return NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} (loss {float(loss)}, base "
+                                  f"loss {float(base)}{kd}); the run is stopped and {last}")
+
+    def _evaluate(self, live: Live, row: Dict) -> bool:
+        """Valid and test metrics into ``row``; the early-stopping state; best_model.pt when the valid metric
+        improved (returned)."""
+        res = evaluate_model(live.model, self.data, self.ks, batch_size=int(self.t.get("eval_batch_size", 1024)),
+                             convention=self.t.get("metric_convention", "ours"))
+        for split, ms in res.items():
+            row.update({f"{split}_{m}": v for m, v in ms.items()})
+        state = live.state
+        if res["valid"][self.metric] > state["best"]:
+            state.update(best=res["valid"][self.metric], best_epoch=row["epoch"], bad=0)
+            self._save_weights(live.model, row["epoch"], self.path("best_model.pt"))
+            return True
+        state["bad"] += 1
+        return False
+
+    def _end_epoch(self, live: Live, row: Dict, improved: bool, stop: StopPolicy) -> None:
+        """Records the epoch (state, checkpoint, history, its line in the log)."""
+        state = live.state
+        state["history"].append(row)
+        state["epoch"] = row["epoch"]
+        state["elapsed_s"] += row["time_epoch_s"]
+        state["done"] = stop.finished(state)
+        self._checkpoint(live)
+        self._write_history(state["history"])
+        self.log(self._line(row, improved))
+
+    def _checkpoint(self, live: Live) -> None:
+        save_torch({"model": live.model.state_dict(), "optimizer": live.opt.state_dict(),
+                    "generator": live.gen.get_state(), **rng_states(), "state": live.state,
+                    "kd_state": self.kd.state_dict() if self.kd is not None else None,
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   self.path("checkpoint.pt"))
 
     def _line(self, row, improved):
         parts = [f"epoch {row['epoch']:4d}", f"loss {row['loss']:.4g}"]
@@ -328,16 +441,31 @@ class Trainer:
         parts.append(f"{row['time_epoch_s']:.1f}s")
         return "  ".join(parts) + (" *" if improved else "")
 
+    # --- the result -------------------------------------------------------------------------------
     def finish(self, model, state, status) -> Dict:
-        cfg = self.cfg
+        """The best epoch's weights back in ``model``; result.json (and a teacher's top-K cache, the curves)."""
         best_path = self.path("best_model.pt")
         if os.path.exists(best_path):
-            model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["state"])
+            model.load_state_dict(load_torch(best_path, "weights file", ("state",))["state"])
         model.to(self.device)
-        hist = state["history"]
+        res = self._result(model, state, status)
+        if self.cfg["role"] == "teacher":
+            res["teacher_topk"] = int(cache_topk(model, self.data, int(self.cfg.get("teacher_topk", 500)),
+                                                 self.out).shape[1])
+        write_json(self.path("result.json"), res, durable=True)
+        if self.t.get("plot", True):
+            cfg = self.cfg
+            plot_history(state["history"], self.path("curves.png"),
+                         title=f"{cfg['dataset']} {cfg['role']} {cfg['model']['name']} kd={res['kd']}")
+        self.log(f"best epoch {res['best_epoch']}: test " +
+                 "  ".join(f"{m} {v:.4f}" for m, v in res["test"].items() if v is not None))
+        return res
+
+    def _result(self, model, state, status) -> Dict:
+        cfg, hist = self.cfg, state["history"]
         best_row = next((r for r in hist if r["epoch"] == state["best_epoch"]), {})
-        res = {
-            "status": status if status != "finished" else "finished",
+        return {
+            "status": status,
             "role": cfg["role"], "dataset": cfg["dataset"], "model": cfg["model"]["name"],
             "kd": (cfg.get("kd") or {}).get("method", "none"), "seed": cfg.get("seed", 0),
             "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
@@ -350,69 +478,3 @@ class Trainer:
             "data": self.data.stats(),
             "params": int(sum(p.numel() for p in model.parameters())),
         }
-        if cfg["role"] == "teacher":
-            K = int(cfg.get("teacher_topk", 500))
-            was = model.training
-            model.eval()
-            u, i = model.represent_all()
-            model.train(was)
-            topk = topk_from_vectors(u, i, K)
-            save_topk(self.path("teacher_topk.pt"), topk, {"K": topk.shape[1], "exclude_train": False,
-                                                           "data_fingerprint": self.data.fingerprint()})
-            res["teacher_topk"] = int(topk.shape[1])
-        with open(self.path("result.json"), "w") as f:
-            json.dump(res, f, indent=1)
-        if self.cfg["train"].get("plot", True):
-            plot_history(hist, self.path("curves.png"), title=f"{cfg['dataset']} {cfg['role']} "
-                         f"{cfg['model']['name']} kd={res['kd']}")
-        self.log(f"best epoch {res['best_epoch']}: test " +
-                 "  ".join(f"{m} {v:.4f}" for m, v in res["test"].items() if v is not None))
-        return res
-
-
-def plot_history(history, path: str, title: str = "") -> bool:
-    """Learning curves (loss, metrics, KD diagnostics) to a PNG; False when matplotlib is missing."""
-    if not history:
-        return False
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
-        return False
-    ep = [r["epoch"] for r in history]
-    has_diag = any("gamma" in r for r in history)
-    n = 3 if has_diag else 2
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.6))
-    ax = axes[0]
-    ax.plot(ep, [r["base_loss"] for r in history], label="base")
-    if any(r.get("kd_loss") for r in history):
-        ax2 = ax.twinx()
-        ax2.plot(ep, [r.get("kd_loss", 0) for r in history], color="tab:red", label="kd")
-        ax2.set_ylabel("kd loss", color="tab:red")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("base loss")
-    ax.set_title("training loss")
-    ax = axes[1]
-    for key, style in (("valid_ndcg@20", "-"), ("test_ndcg@20", "-"), ("valid_recall@20", "--"),
-                       ("test_recall@20", "--")):
-        pts = [(r["epoch"], r[key]) for r in history if key in r]
-        if pts:
-            ax.plot(*zip(*pts), style, label=key)
-    ax.set_xlabel("epoch")
-    ax.set_title("metrics")
-    ax.legend(fontsize=7)
-    if has_diag:
-        ax = axes[2]
-        for key in ("gamma", "q1_frac"):
-            pts = [(r["epoch"], r[key]) for r in history if key in r]
-            if pts:
-                ax.plot(*zip(*pts), label="|Q1|/K" if key == "q1_frac" else key)
-        ax.set_xlabel("epoch")
-        ax.set_title("RCE-KD diagnostics")
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return True

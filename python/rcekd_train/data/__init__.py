@@ -13,10 +13,13 @@ from .synthetic import make_synthetic
 ENV_VAR = "RCEKD_DATA"
 DATASETS = ("synthetic", "citeulike", "gowalla", "yelp2018")
 ALIASES = {"yelp": "yelp2018", "citeulike-t": "citeulike"}
+#: the loader options (the config's ``data`` section) of each data set
+DATA_OPTIONS = {"synthetic": tuple(SYNTHETIC_DEFAULTS), "citeulike": ("min_user_items",),
+                "gowalla": ("valid_frac",), "yelp2018": ("valid_frac",)}
 
 __all__ = ["InteractionData", "Split", "DataFormatError", "load_dataset", "resolve_data_dir", "make_synthetic",
            "load_citeulike", "load_lightgcn_format", "read_users_dat", "read_user_lines", "write_split",
-           "split_in_order", "DATASETS", "ENV_VAR"]
+           "split_in_order", "DATASETS", "DATA_OPTIONS", "ENV_VAR"]
 
 
 def canonical_name(name: str) -> str:

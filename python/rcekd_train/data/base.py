@@ -7,8 +7,9 @@ sequential backbone and for the 8:1:1 splits). Ids are contiguous from 0.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,6 +22,59 @@ class DataFormatError(ValueError):
         self.path, self.line_no = str(path), line_no
         where = f"{path}, line {line_no}" if line_no else str(path)
         super().__init__(f"{where}: {message}")
+
+
+#: a token of a data file: ASCII digits with an optional minus sign (Python's int would also take "1_5697",
+#: "+5" or an Arabic-Indic digit); tokens are separated by spaces, tabs (and a CR before the newline)
+_INT_TOKEN = re.compile(rb"-?[0-9]+")
+_INT_CHARS = b"0123456789- \t\r"
+#: the largest id a file may hold (ids are int64 in memory)
+MAX_ID = 2 ** 63 - 1
+
+
+def read_int_lines(path) -> Tuple[List[Tuple[int, List[int]]], bool]:
+    """The lines of a text file of integers: ([(line number, values)], whether the file ends with a newline).
+    DataFormatError naming the file and the line for undecodable bytes, a token that is not a plain decimal
+    integer (``--5``, ``1_5697``, ``1.5``), or an integer beyond int64."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    lines = raw.split(b"\n")
+    ends_with_newline = raw.endswith(b"\n")
+    if ends_with_newline or not raw:
+        lines = lines[:-1]
+    out = []
+    for no, line in enumerate(lines, start=1):
+        tokens = line.split()
+        if line.translate(None, _INT_CHARS) or (b"-" in line and not all(map(_INT_TOKEN.fullmatch, tokens))):
+            raise DataFormatError(path, no, _why_not_integers(line))
+        values = [int(t) for t in tokens]
+        if tokens and max(map(len, tokens)) > 18 and any(abs(v) > MAX_ID for v in values):
+            big = next(v for v in values if abs(v) > MAX_ID)
+            raise DataFormatError(path, no, f"the integer {big} is beyond int64 (|id| <= {MAX_ID})")
+        out.append((no, values))
+    return out, ends_with_newline
+
+
+def _why_not_integers(line: bytes) -> str:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"undecodable bytes (not UTF-8) at column {e.start + 1}: {line[e.start:e.start + 4]!r}"
+    bad = next((t for t in line.split() if not _INT_TOKEN.fullmatch(t)), None)
+    if bad is None:  # a separator other than spaces and tabs
+        return f"unexpected characters (expected integers separated by spaces): {line.decode('utf-8')[:60]!r}"
+    return f"not an integer: {bad.decode('utf-8')!r} (ids are plain decimal integers)"
+
+
+def check_dense_ids(path, line_no: int, kind: str, largest: int, distinct: int) -> None:
+    """Ids index the embedding tables (a table has largest id + 1 rows): refuses, before anything of that size
+    is allocated, an id far beyond the number of distinct ids (at most 2 x distinct + 1024, and below 2^31, the
+    int32 of the top-K caches); it names the file and the line of that id."""
+    limit = min(2 * distinct + 1024, 2 ** 31 - 1)
+    if largest >= limit:
+        raise DataFormatError(path, line_no, f"{kind} id {largest} is too large: the files hold {distinct} distinct "
+                              f"{kind} ids, and ids index the embedding tables ({largest + 1} rows); ids must be "
+                              f"0-based and nearly contiguous (below {limit})")
 
 
 @dataclass

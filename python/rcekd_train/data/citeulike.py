@@ -17,30 +17,24 @@ from typing import List, Tuple
 
 import numpy as np
 
-from .base import DataFormatError, InteractionData, Split, split_in_order
+from ..files import write_text
+from .base import DataFormatError, InteractionData, Split, read_int_lines, split_in_order
 
 FILE = "users.dat"
 
 
 def read_users_dat(path) -> List[List[int]]:
-    """Parses ``users.dat``: one list of original item ids per line (the user id is the line index)."""
+    """Parses ``users.dat``: one list of original item ids per line (the user id is the line index). A trailing
+    newline is allowed (the published file has none); a malformed line is a DataFormatError naming it."""
     users: List[List[int]] = []
-    with open(path, "r", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines and lines[-1].strip() == "":  # a trailing newline is allowed
-        lines = lines[:-1]
-    for no, line in enumerate(lines, start=1):
-        tokens = line.split()
-        if not tokens:
+    lines, _ = read_int_lines(path)
+    for no, values in lines:
+        if not values:
             raise DataFormatError(path, no, "empty line (expected 'N item_1 ... item_N')")
-        try:
-            values = [int(t) for t in tokens]
-        except ValueError:
-            bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-            raise DataFormatError(path, no, f"not an integer: {bad!r}") from None
         n, items = values[0], values[1:]
         if n != len(items):
-            raise DataFormatError(path, no, f"the count says {n} items but the line has {len(items)}")
+            cut = "; the last line: is the file truncated?" if no == len(lines) and n > len(items) else ""
+            raise DataFormatError(path, no, f"the count says {n} items but the line has {len(items)}{cut}")
         if any(i < 0 for i in items):
             raise DataFormatError(path, no, "negative item id")
         if len(set(items)) != len(items):
@@ -85,6 +79,4 @@ def write_split(data: InteractionData, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     for part in ("train", "valid", "test"):
         pairs = getattr(data, part).pairs()
-        with open(os.path.join(out_dir, f"{part}.txt"), "w", encoding="utf-8") as f:
-            f.write("USER\tITEM\n")
-            f.writelines(f"{u}\t{i}\n" for u, i in pairs)
+        write_text(os.path.join(out_dir, f"{part}.txt"), "USER\tITEM\n" + "".join(f"{u}\t{i}\n" for u, i in pairs))

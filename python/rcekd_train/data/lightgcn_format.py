@@ -10,36 +10,44 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
-from .base import DataFormatError, InteractionData, Split
+from .base import DataFormatError, InteractionData, Split, check_dense_ids, read_int_lines
 
 
 def read_user_lines(path) -> Dict[int, List[int]]:
     """``{user: [items in file order]}``; raises DataFormatError naming the file and line."""
+    return _read(path)[0]
+
+
+def _read(path) -> Tuple[Dict[int, List[int]], Dict[int, int], Dict[str, Tuple[int, int]]]:
+    """The users' items, the line of each user, and the largest user and item ids with their lines. A file must
+    end with a newline (the published ones do): a last line without one is taken for a truncated file."""
     out: Dict[int, List[int]] = {}
-    with open(path, "r", encoding="utf-8") as f:
-        for no, line in enumerate(f, start=1):
-            tokens = line.split()
-            if not tokens:
-                if line.strip() == "":
-                    continue  # blank lines are ignored
-            try:
-                values = [int(t) for t in tokens]
-            except ValueError:
-                bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-                raise DataFormatError(path, no, f"not an integer: {bad!r}") from None
-            if any(v < 0 for v in values):
-                raise DataFormatError(path, no, "negative id")
-            user, items = values[0], values[1:]
-            if user in out:
-                raise DataFormatError(path, no, f"user {user} appears twice")
-            if len(set(items)) != len(items):
-                raise DataFormatError(path, no, f"repeated item id for user {user}")
-            out[user] = items
+    line_of: Dict[int, int] = {}
+    largest = {"user": (-1, 0), "item": (-1, 0)}
+    lines, ends_with_newline = read_int_lines(path)
+    for no, values in lines:
+        if not values:
+            continue  # blank lines are ignored
+        if any(v < 0 for v in values):
+            raise DataFormatError(path, no, "negative id")
+        user, items = values[0], values[1:]
+        if user in out:
+            raise DataFormatError(path, no, f"user {user} appears twice (first on line {line_of[user]})")
+        if len(set(items)) != len(items):
+            raise DataFormatError(path, no, f"repeated item id for user {user}")
+        out[user], line_of[user] = items, no
+        if user > largest["user"][0]:
+            largest["user"] = (user, no)
+        top = max(items, default=-1)
+        if top > largest["item"][0]:
+            largest["item"] = (top, no)
+    if lines and not ends_with_newline:
+        raise DataFormatError(path, len(lines), "the last line has no newline: the file looks truncated")
     if not out:
         raise DataFormatError(path, 0, "no users in the file")
-    return out
+    return out, line_of, largest
 
 
 def load_lightgcn_format(data_dir: str, name: str, valid_frac: float = 0.1) -> InteractionData:
@@ -48,14 +56,19 @@ def load_lightgcn_format(data_dir: str, name: str, valid_frac: float = 0.1) -> I
         if not os.path.exists(path):
             raise FileNotFoundError(f"{name} file not found: {path} (run `rcekd download {name}` or point "
                                     f"--data-dir / RCEKD_DATA at the folder holding {name}/{p}.txt)")
-    train_raw = read_user_lines(paths["train"])
-    test_raw = read_user_lines(paths["test"])
+    (train_raw, _, train_max), (test_raw, test_line, test_max) = _read(paths["train"]), _read(paths["test"])
+    # ids index the tables: the largest ids are checked before anything of their size is allocated
+    for kind, distinct in (("user", set(train_raw) | set(test_raw)),
+                           ("item", {i for d in (train_raw, test_raw) for items in d.values() for i in items})):
+        (largest, no), path = max((train_max[kind], paths["train"]), (test_max[kind], paths["test"]),
+                                  key=lambda x: x[0][0])
+        check_dense_ids(path, no, kind, largest, len(distinct))
     num_users = max(max(train_raw), max(test_raw)) + 1
-    num_items = 1 + max([i for d in (train_raw, test_raw) for items in d.values() for i in items] or [0])
+    num_items = 1 + max(train_max["item"][0], test_max["item"][0], 0)
     for u, items in test_raw.items():
         overlap = set(items) & set(train_raw.get(u, ()))
         if overlap:
-            raise DataFormatError(paths["test"], 0, f"user {u} has test items also in train: "
+            raise DataFormatError(paths["test"], test_line[u], f"user {u} has test items also in train: "
                                   f"{sorted(overlap)[:5]}")
     train, valid, test = [], [], []
     for u in range(num_users):

@@ -1,7 +1,9 @@
 """The interface every distillation method implements, and shared helpers.
 
-A method is built with its hyperparameters, the frozen teacher and the data, and
-the trainer calls:
+A method is built with its hyperparameters, the frozen teacher and the data (a run
+builds it once, without the teacher: ``kd_from_config``; ``topk_needed()`` says how much
+of the teacher's top-K cache to load, and ``attach(teacher)`` gives it the teacher before
+the first epoch), and the trainer calls:
 
 * ``on_epoch_start(student, epoch)`` before the batches of an epoch (per-epoch
   refresh of sets and samples; nothing to do for per-batch methods);
@@ -22,7 +24,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ..models.base import dot_all, dot_items
+from .. import config as C
+from ..models.base import dot_all, dot_items, eval_mode
 
 Tensor = torch.Tensor
 
@@ -46,20 +49,51 @@ def gumbel_topk(log_weights: Tensor, k: int, generator: torch.Generator) -> Tens
     return torch.topk(keys, k, dim=1).indices
 
 
+#: the values of the hyperparameters, by name (shared by the methods that have them; config.RULES names or
+#: choices); a method's own choices are in its ``choices``
+HP_RULES = {"K": "pos_int", "L": "pos_int", "M": "pos_int|None", "pool": "pos_int", "num_ckpt": "pos_int",
+            "p": "pos_int", "chunk": "pos_int", "num_pos": "pos_int|None", "tau": "pos", "T": "pos", "target_T": "pos",
+            "scale": "pos", "alpha": "pos", "alpha_decay": "pos", "lam": "pos", "clamp": "pos", "beta": "nonneg",
+            "gamma": "unit", "floor": "nonneg", "target_shift": "finite", "exclude_train": "bool",
+            "reduction": ("sum", "mean"), "user_weight": ("count", "one"), "refresh": ("epoch", "batch"),
+            "mode": ("paper", "official"), "backend": "str|None", "validate": (True, False, "first")}
+
+
 class KDMethod:
     name = "base"
     #: hyperparameters and their defaults (the config's kd section is checked against them)
     defaults: Dict = {}
+    #: the choices of this method's own options (beyond HP_RULES)
+    choices: Dict = {}
+
+    @classmethod
+    def checked(cls, hp: Dict) -> Dict:
+        """The hyperparameters with the defaults filled in, each checked (a known name, its range or choices,
+        the constraints between them): a ValueError names the key. The one check of a method's settings, run
+        when a configuration is built (config.check) and when the method is."""
+        for k in hp:
+            if k not in cls.defaults:
+                raise C.unknown_key_error(f"kd.{k}", sorted(cls.defaults), f" (of kd method {cls.name})")
+        h = dict(cls.defaults)
+        h.update(hp)
+        C.check_values("kd", h, {k: r for k, r in {**HP_RULES, **cls.choices}.items() if k in cls.defaults})
+        cls.check_relations(h)
+        return h
+
+    @classmethod
+    def check_relations(cls, h: Dict) -> None:
+        """The constraints between hyperparameters (e.g. L <= pool); ValueError naming them."""
 
     def __init__(self, teacher, data, seed: int = 0, **hp):
-        unknown = sorted(set(hp) - set(self.defaults))
-        if unknown:
-            raise ValueError(f"kd method {self.name}: unknown hyperparameter(s) {unknown}; "
-                             f"allowed: {sorted(self.defaults)}")
-        self.hp = dict(self.defaults)
-        self.hp.update(hp)
+        self.hp = self.checked(hp)
         self.teacher, self.data, self.seed = teacher, data, int(seed)
         self.epoch = 0
+
+    def attach(self, teacher) -> None:
+        """Gives the method its frozen teacher, once, before the first epoch (a method built without one, to
+        ask ``topk_needed`` before the teacher is loaded); methods that prepare targets from the teacher do
+        it here."""
+        self.teacher = teacher
 
     def state_dict(self) -> Dict:
         """What a method carries from epoch to epoch beyond (seed, epoch) (saved in the trainer's checkpoint
@@ -94,8 +128,6 @@ class KDMethod:
         ``user_weight: one`` (the authors' RRD and DCD, which distil ``batch_user.unique()``) every distinct
         user of the batch counts once instead of once per occurrence."""
         uw = self.hp.get("user_weight", "count")
-        if uw not in ("count", "one"):
-            raise ValueError(f"kd {self.name}: user_weight must be 'count' or 'one', got {uw!r}")
         if self.dedup_users() or uw == "one":
             uniq, inv, counts = torch.unique(users, return_inverse=True, return_counts=True)
             first = torch.full((len(uniq),), len(users), dtype=torch.long, device=users.device)
@@ -107,8 +139,6 @@ class KDMethod:
             w = None  # one row per occurrence
             rows, diag = self.rows(users, user_vecs, item_vecs, step, w)
         red = self.hp.get("reduction", "sum")
-        if red not in ("sum", "mean"):
-            raise ValueError(f"kd reduction must be 'sum' or 'mean', got {red!r}")
         if w is None:
             return (rows.sum() if red == "sum" else rows.mean()), diag
         loss = (rows * w).sum()
@@ -116,14 +146,9 @@ class KDMethod:
 
     # helpers
     @staticmethod
-    @torch.no_grad()
     def student_vectors(student):
-        was = student.training
-        student.eval()
-        try:
+        with eval_mode(student):
             return student.represent_all()
-        finally:
-            student.train(was)
 
     def chunks(self, n: int, size: int = 1024):
         for s in range(0, n, size):

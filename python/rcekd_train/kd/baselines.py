@@ -118,15 +118,15 @@ class CD(KDMethod):
     defaults = dict(L=10, pool=100, T=10.0, reduction="sum", guide="teacher", draw="plain", exclude_train=False,
                     target_T=1.0, target_shift=0.0, chunk=1024)
 
+    choices = {"guide": ("teacher", "student"), "draw": ("plain", "pairwise")}
+
+    @classmethod
+    def check_relations(cls, h):
+        if not h["L"] <= h["pool"]:
+            raise ValueError(f"kd (cd): need L <= pool, got L={h['L']}, pool={h['pool']}")
+
     def __init__(self, teacher, data, seed=0, **hp):
         super().__init__(teacher, data, seed, **hp)
-        h = self.hp
-        if h["guide"] not in ("teacher", "student"):
-            raise ValueError(f"cd: guide must be 'teacher' or 'student', got {h['guide']!r}")
-        if h["draw"] not in ("plain", "pairwise"):
-            raise ValueError(f"cd: draw must be 'plain' or 'pairwise', got {h['draw']!r}")
-        if not 1 <= h["L"] <= h["pool"]:
-            raise ValueError(f"cd: need 1 <= L <= pool, got L={h['L']}, pool={h['pool']}")
         self._teacher_list = None
 
     def topk_needed(self):
@@ -172,6 +172,12 @@ class RRD(KDMethod):
     name = "rrd"
     defaults = dict(K=20, L=20, pool=100, T=10.0, reduction="sum", exclude_train=False, user_weight="count",
                     chunk=1024)
+
+    @classmethod
+    def check_relations(cls, h):
+        if not h["K"] <= h["pool"]:
+            raise ValueError(f"kd (rrd): need K <= pool (K interesting items are drawn from the pool), got "
+                             f"K={h['K']}, pool={h['pool']}")
 
     def topk_needed(self):
         return 0 if self.hp["exclude_train"] else self.hp["pool"]
@@ -234,15 +240,12 @@ class DCD(KDMethod):
     defaults = dict(L=20, pool=100, scale=100.0, floor=1e-6, over_from="student", order="teacher",
                     exclude_train=False, user_weight="count", reduction="sum", chunk=512)
 
-    def __init__(self, teacher, data, seed=0, **hp):
-        super().__init__(teacher, data, seed, **hp)
-        h = self.hp
-        if h["over_from"] not in ("student", "teacher"):
-            raise ValueError(f"dcd: over_from must be 'student' or 'teacher', got {h['over_from']!r}")
-        if h["order"] not in ("teacher", "under_over"):
-            raise ValueError(f"dcd: order must be 'teacher' or 'under_over', got {h['order']!r}")
-        if not 1 <= h["L"] <= h["pool"]:
-            raise ValueError(f"dcd: need 1 <= L <= pool, got L={h['L']}, pool={h['pool']}")
+    choices = {"over_from": ("student", "teacher"), "order": ("teacher", "under_over")}
+
+    @classmethod
+    def check_relations(cls, h):
+        if not h["L"] <= h["pool"]:
+            raise ValueError(f"kd (dcd): need L <= pool, got L={h['L']}, pool={h['pool']}")
 
     def topk_needed(self):
         return 0 if self.hp["exclude_train"] else self.hp["pool"]

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from ..files import load_torch
+from ..models.base import eval_mode
 from .base import KDMethod, dot_all
 from .teacher import list_trajectory, topk_from_vectors
 
@@ -121,16 +123,10 @@ class HetComp(KDMethod):
     defaults = dict(num_ckpt=3, K=50, p=10, alpha=1.05, alpha_decay=0.995, lam=10.0, relevance="teacher_rank",
                     pos_order="teacher", num_pos=None, clamp=40.0, reduction="sum", chunk=1024)
 
+    choices = {"relevance": ("teacher_rank", "student_position"), "pos_order": ("teacher", "data")}
+
     def __init__(self, teacher, data, seed=0, **hp):
         super().__init__(teacher, data, seed, **hp)
-        h = self.hp
-        if int(h["num_ckpt"]) < 1 or int(h["K"]) < 1 or int(h["p"]) < 1:
-            raise ValueError("hetcomp: num_ckpt, K and p must be positive integers")
-        if h["relevance"] not in ("teacher_rank", "student_position"):
-            raise ValueError(f"hetcomp: relevance must be 'teacher_rank' or 'student_position', "
-                             f"got {h['relevance']!r}")
-        if h["pos_order"] not in ("teacher", "data"):
-            raise ValueError(f"hetcomp: pos_order must be 'teacher' or 'data', got {h['pos_order']!r}")
         U = data.num_users
         self.v = torch.zeros(U, dtype=torch.long)
         self.last_dist: Optional[Tensor] = None
@@ -138,8 +134,13 @@ class HetComp(KDMethod):
         self.v_result = 0.0
         self.trajectory_epochs: List[int] = []
         if teacher is not None:
-            self.perms = self._trajectory_targets()
-            self.pos = self._positives()
+            self.attach(teacher)
+
+    def attach(self, teacher) -> None:
+        """The targets of the trajectory and the users' positives, from the teacher (and its kept checkpoints)."""
+        super().attach(teacher)
+        self.perms = self._trajectory_targets()
+        self.pos = self._positives()
 
     # --- the trajectory -----------------------------------------------------------------------------
     def _teacher_dir(self) -> str:
@@ -162,14 +163,14 @@ class HetComp(KDMethod):
         paths = dict(list_trajectory(d))
         perms = []
         for e in epochs:
-            snap = torch.load(paths[e], map_location="cpu", weights_only=False)
+            snap = load_torch(paths[e], "trajectory checkpoint", ("model", "hparams", "state"))
             if snap.get("data_fingerprint") not in (None, self.data.fingerprint()):
                 raise ValueError(f"{paths[e]} was trained on different data")
             model = build_model(snap["model"], self.data, **snap["hparams"])
             model.load_state_dict(snap["state"])
             model.to(self.teacher.item_vecs.device)
-            model.eval()
-            u, i = model.represent_all()
+            with eval_mode(model):
+                u, i = model.represent_all()
             perms.append(topk_from_vectors(u, i, int(h["K"]), data=self.data, chunk=int(h["chunk"])).long())
             del model
         perms.append(topk_from_vectors(self.teacher.user_vecs, self.teacher.item_vecs, int(h["K"]), data=self.data,
@@ -265,4 +266,4 @@ def _best_epoch(run_dir: str) -> int:
     best = os.path.join(run_dir, "best_model.pt")
     if not os.path.exists(best):
         raise FileNotFoundError(f"{best} not found: is {run_dir} a finished train-teacher run?")
-    return int(torch.load(best, map_location="cpu", weights_only=False)["epoch"])
+    return int(load_torch(best, "weights file", ("epoch",))["epoch"])

@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from rcekd_kernels import Selection, rce_kd_loss, rce_kd_loss_gathered, select
+from rcekd_kernels import RCEKDConfig, Selection, rce_kd_loss, rce_kd_loss_gathered, select
 
 from .base import KDMethod, dot_all, dot_items, mix_seed
 
@@ -64,18 +64,22 @@ class RCEKD(KDMethod):
                     reduction="sum", exclude_train=False, variant="full", gamma=0.5, chunk=1024, backend=None,
                     validate="first")
 
+    choices = {"variant": VARIANTS}
+
+    @classmethod
+    def check_relations(cls, h):
+        """The loss's own ranges (RCEKDConfig: K, M, L, tau, T, beta, mode), checked here already."""
+        try:
+            RCEKDConfig(K=h["K"], M=2 * h["K"] if h["M"] is None else h["M"], L=h["L"], tau=float(h["tau"]),
+                        T=float(h["T"]), beta=float(h["beta"]), mode=h["mode"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"kd (rcekd): {e}") from None
+
     def __init__(self, teacher, data, seed=0, **hp):
         super().__init__(teacher, data, seed, **hp)
         h = self.hp
         if h["M"] is None:
             h["M"] = 2 * h["K"]
-        if h["refresh"] not in ("epoch", "batch"):
-            raise ValueError(f"rcekd: refresh must be 'epoch' or 'batch', got {h['refresh']!r}")
-        if h["variant"] not in VARIANTS:
-            raise ValueError(f"rcekd: variant must be one of {list(VARIANTS)}, got {h['variant']!r}")
-        if not isinstance(h["gamma"], (int, float)) or not 0.0 <= float(h["gamma"]) <= 1.0:
-            raise ValueError(f"rcekd: gamma (the constant of variant const_gamma) must be in [0, 1], "
-                             f"got {h['gamma']!r}")
         self.selection = None
         self._validated = False
 

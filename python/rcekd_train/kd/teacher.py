@@ -11,11 +11,16 @@ protocol. No users x items teacher matrix is ever kept.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from rcekd_kernels.spec import ranked_topk  # the spec's ranking order (ties to the smaller id)
+
+from .. import config as C
+from ..files import load_torch, save_torch
+from ..models import build_model, model_hparams
+from ..models.base import dot_items, eval_mode
 
 Tensor = torch.Tensor
 
@@ -59,13 +64,11 @@ def list_trajectory(run_dir: str):
 
 
 def save_topk(path: str, topk: Tensor, meta: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save({"topk": topk.to(torch.int32).cpu(), "meta": dict(meta)}, tmp)
-    os.replace(tmp, path)
+    save_torch({"topk": topk.to(torch.int32).cpu(), "meta": dict(meta)}, path)
 
 
 def load_topk(path: str):
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch(path, "top-K cache", ("topk",))
     return obj["topk"], obj.get("meta", {})
 
 
@@ -77,21 +80,20 @@ class FrozenTeacher:
         self.item_vecs = item_vecs.detach()
         self.topk_cache = topk
         self.chunk = chunk
+        self.run_dir: Optional[str] = None  # the train-teacher run it was loaded from (load_teacher)
         self.num_users, self.num_items = user_vecs.shape[0], item_vecs.shape[0]
 
     @classmethod
     def from_model(cls, model, topk: Optional[Tensor] = None) -> "FrozenTeacher":
-        was = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             u, i = model.represent_all()
-        finally:
-            model.train(was)
         return cls(u, i, topk)
 
     def to(self, device) -> "FrozenTeacher":
         topk = self.topk_cache.to(device) if self.topk_cache is not None else None
-        return FrozenTeacher(self.user_vecs.to(device), self.item_vecs.to(device), topk, self.chunk)
+        out = FrozenTeacher(self.user_vecs.to(device), self.item_vecs.to(device), topk, self.chunk)
+        out.run_dir = self.run_dir
+        return out
 
     def topk(self, users: Tensor, K: int) -> Tensor:
         """The teacher's top-K (B, K) int64 of the given users, from the cache."""
@@ -104,7 +106,6 @@ class FrozenTeacher:
     @torch.no_grad()
     def score_items(self, users: Tensor, items: Tensor) -> Tensor:
         """Teacher scores (B, X) at items (B, X), in chunks of users (bounded memory)."""
-        from ..models.base import dot_items
         out = torch.empty(items.shape, dtype=self.item_vecs.dtype, device=items.device)
         for s in range(0, len(users), self.chunk):
             out[s:s + self.chunk] = dot_items(self.user_vecs[users[s:s + self.chunk]], self.item_vecs,
@@ -116,3 +117,48 @@ class FrozenTeacher:
         """Full teacher rows (B, N) of one batch (callers pass distinct users; no ``torch.unique`` here,
         which would make the host wait for the device)."""
         return self.user_vecs[users] @ self.item_vecs.T
+
+
+TOPK_FILE = "teacher_topk.pt"
+
+
+def cache_topk(model, data, K: int, run_dir: str) -> Tensor:
+    """Computes a trained teacher's top-K items per user (training items not excluded) and caches them in
+    ``run_dir/teacher_topk.pt``; returns them (users, K) int32."""
+    with eval_mode(model):
+        u, i = model.represent_all()
+    topk = topk_from_vectors(u, i, K)
+    save_topk(os.path.join(run_dir, TOPK_FILE), topk, {"K": topk.shape[1], "exclude_train": False,
+                                                       "data_fingerprint": data.fingerprint()})
+    return topk
+
+
+def load_teacher(teacher_dir: str, data, device="cpu", need_topk: int = 0) -> Tuple[FrozenTeacher, Dict]:
+    """Loads a trained teacher run directory as a frozen teacher (vectors + cached top-K, at least
+    ``need_topk`` items per user: recomputed from the vectors when the cache holds fewer) and its config."""
+    cfg_path = os.path.join(teacher_dir, "config.yaml")
+    model_path = os.path.join(teacher_dir, "best_model.pt")
+    for p in (cfg_path, model_path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} not found: is {teacher_dir} a finished `rcekd train-teacher` run?")
+    tcfg = C.load_yaml(cfg_path)
+    saved = load_torch(model_path, "weights file", ("state",))
+    if saved.get("data_fingerprint") not in (None, data.fingerprint()):
+        raise ValueError(f"the teacher in {teacher_dir} was trained on different data "
+                         f"({saved.get('data_fingerprint')} != {data.fingerprint()})")
+    model = build_model(tcfg["model"]["name"], data, **model_hparams(tcfg))
+    model.load_state_dict(saved["state"])
+    model.to(device)
+    topk = None
+    topk_path = os.path.join(teacher_dir, TOPK_FILE)
+    teacher = FrozenTeacher.from_model(model)
+    teacher.run_dir = teacher_dir  # HetComp reads the teacher's kept trajectory there
+    if os.path.exists(topk_path):
+        topk, meta = load_topk(topk_path)
+        if meta.get("exclude_train"):
+            raise ValueError(f"{topk_path} excludes training items; the KD methods expect the plain top-K")
+    if topk is None or topk.shape[1] < min(need_topk, data.num_items):
+        topk = topk_from_vectors(teacher.user_vecs, teacher.item_vecs, max(need_topk, 1))
+    teacher.topk_cache = topk.to(device)
+    del model
+    return teacher, tcfg

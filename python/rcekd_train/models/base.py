@@ -10,10 +10,12 @@ and an item vector, so a model exposes:
 * ``score_all(users)`` (B, N) and ``score_items(users, items)`` (B, X);
 * ``represent_all()`` -> (all user vectors, item vectors), no gradient, for
   evaluation and for freezing a teacher;
-* ``batches(generator)``: the training batches of one epoch.
+* ``batches(data, batch_size, generator)``: the training batches of one epoch, an iterator with
+  ``len()`` (the number of batches of the epoch; progress bars read it).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Tuple
 
 import numpy as np
@@ -37,6 +39,20 @@ def dot_all(user_vecs: Tensor, item_vecs: Tensor) -> Tensor:
     return user_vecs @ item_vecs.T
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """For the block: ``model.eval()`` (no dropout) and ``torch.no_grad()``; afterwards the model is back
+    in the mode it was in (training or not), also when the block raises. The one way the drivers evaluate,
+    represent or freeze a model."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was)
+
+
 class Recommender(nn.Module):
     name = "base"
 
@@ -52,10 +68,15 @@ class Recommender(nn.Module):
     def base_loss(self, batch) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def batches(self, data, batch_size: int, generator: torch.Generator) -> Iterator:
-        """BPR pair batches (MF, LightGCN); a backbone with another objective overrides this."""
+    def make_batcher(self, data, batch_size: int):
+        """The batch maker of this backbone: BPR pair batches (MF, LightGCN); a backbone with another
+        objective overrides this."""
+        return PairBatches(data, batch_size, next(self.parameters()).device)
+
+    def batches(self, data, batch_size: int, generator: torch.Generator) -> "EpochBatches":
+        """The batches of one epoch (the batch maker is built once per batch size and kept)."""
         if getattr(self, "_batcher", None) is None or self._batcher.batch_size != batch_size:
-            self._batcher = PairBatches(data, batch_size, next(self.parameters()).device)
+            self._batcher = self.make_batcher(data, batch_size)
         return self._batcher(generator)
 
     # --- shared ---------------------------------------------------------------------------
@@ -76,6 +97,23 @@ class Recommender(nn.Module):
             u, items = self.represent(users[s:s + chunk])
             parts.append(u)
         return torch.cat(parts), items
+
+
+class EpochBatches:
+    """The batches of one epoch: an iterator (drawn lazily, as the batch maker's generator) that also knows
+    how many batches it yields (``len``), so that a progress bar needs nothing else."""
+
+    def __init__(self, batches: Iterator, count: int):
+        self._batches, self._count = batches, int(count)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> "EpochBatches":
+        return self
+
+    def __next__(self):
+        return next(self._batches)
 
 
 def to_device(x: Tensor, device) -> Tensor:
@@ -109,7 +147,10 @@ class PairBatches:
             bad[idx] = torch.from_numpy(self.data.is_train_pair(users[idx].numpy(), neg[idx].numpy()))
         return neg
 
-    def __call__(self, generator: torch.Generator):
+    def __call__(self, generator: torch.Generator) -> EpochBatches:
+        return EpochBatches(self._epoch(generator), len(self))
+
+    def _epoch(self, generator: torch.Generator):
         neg = self.sample_negatives(self.users, generator)
         perm = torch.randperm(len(self.users), generator=generator)
         # the epoch's pairs move to the device once (pinned, non-blocking); batches are views of them,
@@ -130,7 +171,10 @@ class UserBatches:
     def __len__(self):
         return (len(self.users) + self.batch_size - 1) // self.batch_size
 
-    def __call__(self, generator: torch.Generator):
+    def __call__(self, generator: torch.Generator) -> EpochBatches:
+        return EpochBatches(self._epoch(generator), len(self))
+
+    def _epoch(self, generator: torch.Generator):
         perm = torch.randperm(len(self.users), generator=generator)
         users = to_device(self.users[perm], self.device)
         for s in range(0, len(perm), self.batch_size):

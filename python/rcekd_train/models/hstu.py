@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Recommender, UserBatches
+from .base import Recommender, UserBatches, eval_mode
 
 
 def l2norm(x, eps: float = 1e-6):
@@ -133,16 +133,9 @@ class HSTU(Recommender):
         loss = -F.log_softmax(logits, dim=1)[:, 0].mean()
         return loss, users, last, items
 
-    def batches(self, data, batch_size, generator):
-        if not hasattr(self, "_batcher") or self._batcher.batch_size != batch_size:
-            self._batcher = UserBatches(data, batch_size, self.item_emb.weight.device)
-        return self._batcher(generator)
+    def make_batcher(self, data, batch_size):
+        return UserBatches(data, batch_size, self.item_emb.weight.device)
 
-    @torch.no_grad()
     def represent_all(self, chunk: int = 1024):
-        was = self.training
-        self.eval()
-        try:
+        with eval_mode(self):  # no dropout in the representation
             return super().represent_all(chunk)
-        finally:
-            self.train(was)
