@@ -12,6 +12,10 @@ relevance):
 averaged over those users (``convention="ours"``). Valid and test share one ranking
 (only train is masked), as in the authors' code.
 
+The per-user values are summed in fixed point (:func:`fixed_point_bits`: exact integer sums, so that the
+metrics do not depend on the order or the split of the users over processes; an error below 4e-15 per value
+on 30,000 users).
+
 ``convention="authors"`` averages as the authors' code does (``evaluation.py`` of
 woriazzc/RCEKD): the per-user values are summed over the users with items in the
 split and divided by the number of all users, i.e. users without items in the
@@ -65,50 +69,76 @@ def metrics_from_topk(topk: torch.Tensor, users: torch.Tensor, split, num_items:
     return out
 
 
+def fixed_point_bits(num_users: int) -> int:
+    """The bits after the binary point of the metric sums: a per-user value in [0, 1] is rounded to a multiple of
+    2^-bits and summed as an integer, so that the sum over the users (at most ``num_users`` values) fits an int64
+    and is the same whatever the order or the split of the users over processes (integer addition is exact):
+    47 bits for 30,000 users, an error below 4e-15 per value."""
+    return 62 - int(num_users).bit_length()
+
+
 @torch.no_grad()
 def evaluate_vectors(user_vecs: torch.Tensor, item_vecs: torch.Tensor, data, ks: Sequence[int] = (10, 20),
                      splits: Iterable[str] = ("valid", "test"), batch_size: int = 1024,
-                     convention: str = "ours") -> Dict[str, Dict[str, float]]:
+                     convention: str = "ours", par=None) -> Dict[str, Dict[str, float]]:
     """Metrics of a dot-product scorer given all user vectors (U, D) and item vectors (N, D)."""
     return evaluate_scores(lambda users: user_vecs[users] @ item_vecs.T, data, ks, splits, batch_size,
-                           device=user_vecs.device, convention=convention)
+                           device=user_vecs.device, convention=convention, par=par)
 
 
 @torch.no_grad()
 def evaluate_scores(score_fn, data, ks: Sequence[int] = (10, 20), splits: Iterable[str] = ("valid", "test"),
-                    batch_size: int = 1024, device="cpu", convention: str = "ours") -> Dict[str, Dict[str, float]]:
+                    batch_size: int = 1024, device="cpu", convention: str = "ours",
+                    par=None) -> Dict[str, Dict[str, float]]:
     """Metrics of any scorer ``score_fn(users) -> (B, num_items)``, users in batches, averaged by
-    ``convention`` (see the module docstring)."""
+    ``convention`` (see the module docstring).
+
+    With ``par`` (a :class:`rcekd_train.parallel.Parallel` of several processes) the batches of users are split
+    into contiguous runs, one per process (the same batches as in one process, so the same scores); each process
+    sums its users' values in fixed point (:func:`fixed_point_bits`) and counts them, and one all-reduce of
+    those integers gives every process the sums and counts of all users: the metrics equal the single-process
+    ones exactly."""
+    from .parallel import SINGLE
+    par = par or SINGLE
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
     splits = list(splits)
+    names = metric_names(ks)
     kmax = max(ks)
     N = data.num_items
     keys = {s: _split_keys(getattr(data, s), N) for s in splits}
     lens = {s: getattr(data, s).lengths() for s in splits}
     users_needed = np.nonzero(np.logical_or.reduce([lens[s] > 0 for s in splits]))[0]
-    acc = {s: {m: [] for m in metric_names(ks)} for s in splits}
-    for start in range(0, len(users_needed), batch_size):
+    bits = fixed_point_bits(data.num_users)
+    scale = float(2 ** bits)
+    # per split: the fixed-point sum of each metric, then the number of users with items in the split
+    acc = np.zeros((len(splits), len(names) + 1), dtype=np.int64)
+    first, last = par.span((len(users_needed) + batch_size - 1) // batch_size)
+    for start in range(first * batch_size, min(last * batch_size, len(users_needed)), batch_size):
         users = torch.from_numpy(users_needed[start:start + batch_size]).to(device)
         scores = score_fn(users).float()
         scores = scores.masked_fill(data.train_mask_rows(users), float("-inf"))
         topk = torch.topk(scores, min(kmax, N), dim=1).indices
-        for s in splits:
+        for si, s in enumerate(splits):
             per_user = metrics_from_topk(topk, users, getattr(data, s), N, ks, keys[s])
-            for m, v in per_user.items():
-                acc[s][m].append(v)
-    def average(parts):
-        n = sum(len(x) for x in parts)
+            for mi, m in enumerate(names):
+                acc[si, mi] += int(np.rint(per_user[m] * scale).astype(np.int64).sum())
+            acc[si, -1] += len(per_user[names[0]])
+    if par.distributed:
+        acc = par.all_reduce(torch.from_numpy(acc), what="the evaluation's sums").numpy()
+
+    def average(total: int, n: int) -> float:
         if not n:
             return 0.0
-        total = float(np.concatenate(parts).sum())
-        return total / n if convention == "ours" else total / data.num_users
+        return int(total) / (2 ** bits * (n if convention == "ours" else data.num_users))
 
-    return {s: {m: average(v) for m, v in acc[s].items()} for s in splits}
+    return {s: {m: average(acc[si, mi], acc[si, -1]) for mi, m in enumerate(names)} for si, s in enumerate(splits)}
 
 
 def evaluate_model(model, data, ks=(10, 20), splits=("valid", "test"), batch_size: int = 1024,
-                   convention: str = "ours"):
+                   convention: str = "ours", par=None):
+    """Metrics of a model (its best weights are the caller's business); with ``par``, the users split over the
+    processes (:func:`evaluate_scores`)."""
     with eval_mode(model):
         u, i = model.represent_all()
-        return evaluate_vectors(u, i, data, ks, splits, batch_size, convention)
+        return evaluate_vectors(u, i, data, ks, splits, batch_size, convention, par)
