@@ -17,6 +17,11 @@ the first epoch), and the trainer calls:
 The total loss is ``base + lambda * kd``. Randomness comes from generators seeded by
 (seed, epoch) or (seed, step), so an interrupted and resumed run draws the same
 samples.
+
+In a data-parallel run (``rcekd_train.parallel``) each process trains the users of one block;
+``restrict_users(lo, hi)`` tells the method, which may then prepare its per-epoch targets for those
+users only (RCE-KD does: its sets depend on (seed, epoch, user), not on the other users; the baselines
+draw one stream over all users and prepare every user's, the same on every process).
 """
 from __future__ import annotations
 
@@ -88,6 +93,20 @@ class KDMethod:
         self.hp = self.checked(hp)
         self.teacher, self.data, self.seed = teacher, data, int(seed)
         self.epoch = 0
+        self.user_range: Optional[Tuple[int, int]] = None  # [lo, hi) of this process; None: every user
+
+    def restrict_users(self, lo: int, hi: int) -> None:
+        """This process trains the users [lo, hi) only (a data-parallel run): its batches hold no other user."""
+        self.user_range = (int(lo), int(hi))
+
+    def own_users(self) -> Tuple[int, int]:
+        """[lo, hi) of the users whose per-epoch targets this process prepares."""
+        return self.user_range or (0, self.data.num_users)
+
+    def local(self, users: Tensor) -> Tensor:
+        """Rows of the per-epoch targets of ``own_users`` for global user ids."""
+        lo = self.own_users()[0]
+        return users - lo if lo else users
 
     def attach(self, teacher) -> None:
         """Gives the method its frozen teacher, once, before the first epoch (a method built without one, to
@@ -150,8 +169,9 @@ class KDMethod:
         with eval_mode(student):
             return student.represent_all()
 
-    def chunks(self, n: int, size: int = 1024):
-        for s in range(0, n, size):
+    def chunks(self, n: int, size: int = 1024, start: int = 0):
+        """Users start..n-1 in chunks of ``size``."""
+        for s in range(start, n, size):
             yield torch.arange(s, min(n, s + size))
 
 

@@ -112,19 +112,20 @@ class RCEKD(KDMethod):
         seed = mix_seed(self.seed, epoch, 1)
         validate = self._validate()
         parts = []
-        for users in self.chunks(self.data.num_users, self.hp["chunk"]):
+        lo, hi = self.own_users()  # every user, or this process's block (a user's sets do not depend on others)
+        for users in self.chunks(hi, self.hp["chunk"], start=lo):
             users = users.to(uv.device)
             exclude = self.data.train_mask_rows(users) if self.hp["exclude_train"] else None
             parts.append(select(dot_all(uv[users], iv), teacher_topk=self.teacher.topk(users, self.hp["K"]),
                                 seed=seed, row_ids=users, exclude=exclude, validate=validate, **self._common()))
         self.selection = sel = Selection.cat(parts)
-        # the diagnostics of the epoch's sets, prepared once (means over all users; constant through
+        # the diagnostics of the epoch's sets, prepared once (means over the users; constant through
         # the epoch, so not recomputed per step)
         self.epoch_diag = {"gamma": sel.gamma.float().mean(), "q1_frac": sel.n_q1.float().mean() / self.hp["K"]}
         # the teacher is frozen and the sets are fixed for the epoch: its scores at the 2K + L items of
         # every user are computed once here instead of in every batch
-        all_users = torch.arange(self.data.num_users, device=uv.device)
-        self.teacher_at_sel = self.teacher.score_items(all_users, self.selection.indices)
+        own = torch.arange(lo, hi, device=uv.device)
+        self.teacher_at_sel = self.teacher.score_items(own, self.selection.indices)
         if self.hp["variant"] == "no_split":
             self.x_mask = qt_not_sampled(sel.teacher_topk, sel.sampled)
             self.epoch_diag = {"q1_frac": self.epoch_diag["q1_frac"]}  # no gamma in this variant
@@ -156,15 +157,16 @@ class RCEKD(KDMethod):
     def rows(self, users, user_vecs, item_vecs, step, weights):
         h = self.hp
         if h["refresh"] == "epoch":
-            sel = self.selection[users]
+            rows_of = self.local(users)  # the rows of the epoch's sets (of this process's users)
+            sel = self.selection[rows_of]
             s_g = dot_items(user_vecs, item_vecs, sel.indices)
-            t_g = self.teacher_at_sel[users]
+            t_g = self.teacher_at_sel[rows_of]
             if h["variant"] == "full":
                 # the scores come from the models (no data check: it would synchronise every step)
                 rows, diag = rce_kd_loss_gathered(s_g, t_g, sel, tau=float(h["tau"]), reduction="none",
                                                   backend=h["backend"], validate=False, return_diagnostics=True)
             else:
-                rows, diag = self._variant_rows(s_g, t_g, sel, self.x_mask[users] if h["variant"] == "no_split"
+                rows, diag = self._variant_rows(s_g, t_g, sel, self.x_mask[rows_of] if h["variant"] == "no_split"
                                                 else None)
             out = dict(self.epoch_diag)
         elif h["variant"] != "full":

@@ -37,6 +37,8 @@ def topk_from_vectors(user_vecs: Tensor, item_vecs: Tensor, K: int, data=None, c
         if data is not None:
             scores = scores.masked_fill(data.train_mask_rows(users), float("-inf"))
         out.append(ranked_topk(scores, K))
+    if not out:  # no user (a process without a chunk of users)
+        return torch.empty((0, K), dtype=torch.int32, device=user_vecs.device)
     return torch.cat(out).to(torch.int32)
 
 
@@ -122,14 +124,28 @@ class FrozenTeacher:
 TOPK_FILE = "teacher_topk.pt"
 
 
-def cache_topk(model, data, K: int, run_dir: str) -> Tensor:
+def cache_topk(model, data, K: int, run_dir: str, par=None, chunk: int = 1024) -> Tensor:
     """Computes a trained teacher's top-K items per user (training items not excluded) and caches them in
-    ``run_dir/teacher_topk.pt``; returns them (users, K) int32."""
+    ``run_dir/teacher_topk.pt``; returns them (users, K) int32. With ``par`` (several processes) each process
+    ranks the users of its run of ``chunk``-user chunks (the chunks of one process, so the same scores), rank 0
+    gathers and writes them: the whole lists on rank 0, this process's rows on the others."""
+    from ..parallel import SINGLE, spans
+    par = par or SINGLE
     with eval_mode(model):
         u, i = model.represent_all()
-    topk = topk_from_vectors(u, i, K)
-    save_topk(os.path.join(run_dir, TOPK_FILE), topk, {"K": topk.shape[1], "exclude_train": False,
-                                                       "data_fingerprint": data.fingerprint()})
+    if not par.distributed:
+        topk = topk_from_vectors(u, i, K, chunk=chunk)
+    else:
+        n = u.shape[0]
+        users = [(min(a * chunk, n), min(b * chunk, n)) for a, b in spans(-(-n // chunk), par.world)]
+        lo, hi = users[par.rank]
+        part = topk_from_vectors(u[lo:hi], i, K, chunk=chunk)
+        topk = par.gather_rows(part, [b - a for a, b in users])
+        if topk is None:
+            topk = part
+    path = os.path.join(run_dir, TOPK_FILE)
+    par.on_writer(lambda: save_topk(path, topk, {"K": topk.shape[1], "exclude_train": False,
+                                                 "data_fingerprint": data.fingerprint()}), f"writing {path}")
     return topk
 
 

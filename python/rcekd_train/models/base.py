@@ -10,8 +10,12 @@ and an item vector, so a model exposes:
 * ``score_all(users)`` (B, N) and ``score_items(users, items)`` (B, X);
 * ``represent_all()`` -> (all user vectors, item vectors), no gradient, for
   evaluation and for freezing a teacher;
-* ``batches(data, batch_size, generator)``: the training batches of one epoch, an iterator with
-  ``len()`` (the number of batches of the epoch; progress bars read it).
+* ``batches(data, batch_size, generator, shard=None)``: the training batches of one epoch, an iterator with
+  ``len()`` (the number of batches of the epoch; progress bars read it); with a shard (data-parallel training,
+  ``rcekd_train.parallel.Shard``) only the samples of its users, in its number of steps;
+* ``forward(batch)`` is ``base_loss(batch)`` (what DistributedDataParallel calls), ``base_reduction`` says
+  whether the base loss sums or averages over the batch, ``sample_counts(data)`` the training samples of each
+  user (what a data-parallel run balances over its processes).
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ def eval_mode(model: nn.Module):
 
 class Recommender(nn.Module):
     name = "base"
+    #: how the base loss reduces over a batch: "sum" (BPR, as the authors' code) or "mean"
+    base_reduction = "sum"
 
     def __init__(self, data):
         super().__init__()
@@ -68,16 +74,26 @@ class Recommender(nn.Module):
     def base_loss(self, batch) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def make_batcher(self, data, batch_size: int):
+    def make_batcher(self, data, batch_size: int, shard=None):
         """The batch maker of this backbone: BPR pair batches (MF, LightGCN); a backbone with another
-        objective overrides this."""
-        return PairBatches(data, batch_size, next(self.parameters()).device)
+        objective overrides this (and ``sample_counts``)."""
+        return PairBatches(data, batch_size, next(self.parameters()).device, shard)
 
-    def batches(self, data, batch_size: int, generator: torch.Generator) -> "EpochBatches":
-        """The batches of one epoch (the batch maker is built once per batch size and kept)."""
-        if getattr(self, "_batcher", None) is None or self._batcher.batch_size != batch_size:
-            self._batcher = self.make_batcher(data, batch_size)
+    def sample_counts(self, data) -> np.ndarray:
+        """The training samples of each user in one epoch (U,): its training pairs."""
+        return data.train.lengths()
+
+    def batches(self, data, batch_size: int, generator: torch.Generator, shard=None) -> "EpochBatches":
+        """The batches of one epoch (the batch maker is built once per batch size and shard, and kept)."""
+        b = getattr(self, "_batcher", None)
+        if b is None or b.batch_size != batch_size or b.shard != shard:
+            self._batcher = self.make_batcher(data, batch_size, shard)
         return self._batcher(generator)
+
+    def forward(self, batch):
+        """The base loss of a batch (``base_loss``): what a training step calls, through DistributedDataParallel
+        in a data-parallel run."""
+        return self.base_loss(batch)
 
     # --- shared ---------------------------------------------------------------------------
     def score_all(self, users: Tensor) -> Tensor:
@@ -124,17 +140,31 @@ def to_device(x: Tensor, device) -> Tensor:
     return x.to(device)
 
 
+def batch_bounds(n: int, batch_size: int, shard=None):
+    """[(start, end)] of an epoch's batches over n samples: of ``batch_size`` each (the last one shorter), or, with
+    a shard, ``shard.steps`` nearly equal batches (every rank of a data-parallel run takes as many steps)."""
+    if shard is None:
+        return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    return [(i * n // shard.steps, (i + 1) * n // shard.steps) for i in range(shard.steps)]
+
+
 class PairBatches:
     """BPR batches: every training pair once per epoch, shuffled, each with one negative item drawn
-    uniformly from the items the user has not interacted with in train."""
+    uniformly from the items the user has not interacted with in train. With a shard, the pairs of its users
+    [shard.lo, shard.hi) only (the pairs are stored user by user), in ``shard.steps`` batches."""
 
-    def __init__(self, data, batch_size: int, device="cpu"):
-        self.data, self.batch_size, self.device = data, batch_size, device
+    def __init__(self, data, batch_size: int, device="cpu", shard=None):
+        self.data, self.batch_size, self.device, self.shard = data, batch_size, device, shard
         pairs = data.train.pairs()
+        if shard is not None:
+            ip = data.train.indptr
+            pairs = pairs[ip[shard.lo]:ip[shard.hi]]
         self.users = torch.from_numpy(pairs[:, 0])
         self.items = torch.from_numpy(pairs[:, 1])
 
     def __len__(self):
+        if self.shard is not None:
+            return self.shard.steps
         return (len(self.users) + self.batch_size - 1) // self.batch_size
 
     def sample_negatives(self, users: Tensor, generator: torch.Generator) -> Tensor:
@@ -156,19 +186,25 @@ class PairBatches:
         # the epoch's pairs move to the device once (pinned, non-blocking); batches are views of them,
         # so a training step neither copies nor waits for the host
         epoch = to_device(torch.stack([self.users[perm], self.items[perm], neg[perm]]), self.device)
-        for s in range(0, len(perm), self.batch_size):
-            b = epoch[:, s:s + self.batch_size]
+        for s, e in batch_bounds(len(perm), self.batch_size, self.shard):
+            b = epoch[:, s:e]
             yield (b[0], b[1], b[2])
 
 
 class UserBatches:
-    """Batches of users (sequential models): every user with at least one training item, shuffled."""
+    """Batches of users (sequential models): every user with at least one training item, shuffled (with a
+    shard: those of its users, in ``shard.steps`` batches)."""
 
-    def __init__(self, data, batch_size: int, device="cpu"):
-        self.users = torch.from_numpy(np.nonzero(data.train.lengths() > 0)[0])
-        self.batch_size, self.device = batch_size, device
+    def __init__(self, data, batch_size: int, device="cpu", shard=None):
+        users = np.nonzero(data.train.lengths() > 0)[0]
+        if shard is not None:
+            users = users[(users >= shard.lo) & (users < shard.hi)]
+        self.users = torch.from_numpy(users)
+        self.batch_size, self.device, self.shard = batch_size, device, shard
 
     def __len__(self):
+        if self.shard is not None:
+            return self.shard.steps
         return (len(self.users) + self.batch_size - 1) // self.batch_size
 
     def __call__(self, generator: torch.Generator) -> EpochBatches:
@@ -177,8 +213,8 @@ class UserBatches:
     def _epoch(self, generator: torch.Generator):
         perm = torch.randperm(len(self.users), generator=generator)
         users = to_device(self.users[perm], self.device)
-        for s in range(0, len(perm), self.batch_size):
-            yield users[s:s + self.batch_size]
+        for s, e in batch_bounds(len(perm), self.batch_size, self.shard):
+            yield users[s:e]
 
 
 def bpr_loss(user_vecs: Tensor, item_vecs: Tensor, pos: Tensor, neg: Tensor) -> Tensor:

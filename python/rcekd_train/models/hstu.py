@@ -67,6 +67,7 @@ class HSTULayer(nn.Module):
 
 class HSTU(Recommender):
     name = "hstu"
+    base_reduction = "mean"  # the sampled softmax is averaged over the batch's positions
 
     def __init__(self, data, dim: int = 32, blocks: int = 2, heads: int = 1, attn_dim: int = 16,
                  linear_dim: int = 16, max_len: int = 100, dropout: float = 0.5, linear_dropout: float = 0.5,
@@ -133,8 +134,12 @@ class HSTU(Recommender):
         loss = -F.log_softmax(logits, dim=1)[:, 0].mean()
         return loss, users, last, items
 
-    def make_batcher(self, data, batch_size):
-        return UserBatches(data, batch_size, self.item_emb.weight.device)
+    def make_batcher(self, data, batch_size, shard=None):
+        return UserBatches(data, batch_size, self.item_emb.weight.device, shard)
+
+    def sample_counts(self, data):
+        """One sample per user with training items (a batch is a batch of users)."""
+        return (data.train.lengths() > 0).astype(np.int64)
 
     def represent_all(self, chunk: int = 1024):
         with eval_mode(self):  # no dropout in the representation
