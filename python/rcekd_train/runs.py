@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from . import parallel
 from .data import load_dataset
 from .evaluate import metric_names
 from .files import write_csv, write_json
@@ -32,7 +33,8 @@ def run_one(cfg: Dict, out: str, resume: bool = False, log=None) -> Dict:
     if kd is not None:
         if not cfg.get("teacher_dir"):
             raise ValueError("distillation needs a teacher: --teacher RUN_DIR (a `rcekd train-teacher` output)")
-        teacher, _ = load_teacher(cfg["teacher_dir"], data, cfg.get("device") or "cpu", kd.topk_needed())
+        device = parallel.current().device(cfg.get("device"))  # (each process of a run: its own GPU)
+        teacher, _ = load_teacher(cfg["teacher_dir"], data, device, kd.topk_needed())
     return Trainer(cfg, data, out, teacher, log=log, kd=kd).run(resume=resume)
 
 
@@ -59,11 +61,14 @@ def run_seeds(cfg: Dict, out: str, seeds: Optional[List[int]], resume: bool = Fa
         results.append(run_one(c, os.path.join(out, f"seed_{s}"), resume, log))
     done = [r for r in results if r.get("status") != "interrupted"]
     summary = summarize(done, seeds)
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "summary.json"), summary)
-    write_csv(os.path.join(out, "summary.csv"), [{"split": split, "metric": m, **v} for split in ("valid", "test")
-                                                for m, v in summary.get(split, {}).items()],
-              fieldnames=["split", "metric", "mean", "std", "n"])
+
+    def write():
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, "summary.json"), summary)
+        write_csv(os.path.join(out, "summary.csv"), [{"split": split, "metric": m, **v} for split in ("valid", "test")
+                                                    for m, v in summary.get(split, {}).items()],
+                  fieldnames=["split", "metric", "mean", "std", "n"])
+    parallel.current().on_writer(write, f"writing {out}/summary.json")  # rank 0 writes (several processes)
     return summary
 
 

@@ -22,9 +22,18 @@ A run (:meth:`Trainer.run`) is: start (config, model, optimizer, the KD method's
 ``--resume`` the checkpoint's state), then epochs (the KD refresh, the batches, the evaluation and
 the best epoch, the trajectory, the checkpoint) until the :class:`StopPolicy` ends it, then the
 result (:meth:`Trainer.finish`).
+
+Under torchrun (``rcekd_train.parallel``: several processes, one world) the same loop runs on every rank: each
+trains the users of its block (``Shard``) through DistributedDataParallel, the epoch's loss sums are reduced once
+per epoch, the evaluation is split by users and reduced, and rank 0 alone writes the run directory (its lock, the
+config, the checkpoints, histories and results: :meth:`Parallel.on_writer`, which also hands rank 0's decisions and
+errors to the others). The random streams of a rank (batches, negatives, dropout) are seeded from (seed, rank,
+epoch) at the start of every epoch, so a resumed run is the same as an uninterrupted one with the same number of
+processes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,9 +47,10 @@ import numpy as np
 import torch
 
 from . import config as C
+from . import parallel
 from .evaluate import evaluate_model, metric_names
 from .files import load_torch, remove_stale_temps, save_torch, write_csv, write_json
-from .kd import FrozenTeacher, KDMethod, cache_topk, kd_from_config, kd_lambda
+from .kd import FrozenTeacher, KDMethod, cache_topk, kd_from_config, kd_lambda, mix_seed
 from .kd.teacher import TRAJECTORY_DIR, trajectory_path
 from .lock import run_lock
 from .models import build_model, model_hparams
@@ -110,6 +120,15 @@ class EpochLosses:
         _accumulate(self.diag, diag)
         self.steps.append((step, loss.detach(), base.detach(), None if kd_loss is None else kd_loss.detach()))
 
+    def reduce(self, par) -> None:
+        """The sums of every rank, averaged over the ranks (each rank's step values are those of the whole step:
+        see ``Trainer._step``): one all-reduce per epoch."""
+        keys = [("sums", k) for k in sorted(self.sums)] + [("diag", k) for k in sorted(self.diag)]
+        vec = torch.tensor([float(getattr(self, part)[k]) for part, k in keys], dtype=torch.float64)
+        par.all_reduce(vec, what="the epoch's losses")
+        for (part, k), v in zip(keys, (vec / par.world).tolist()):
+            getattr(self, part)[k] = v
+
     def means(self) -> Dict:
         n = max(len(self.steps), 1)
         out = {k: float(v) / n for k, v in self.sums.items()}
@@ -123,6 +142,14 @@ class EpochLosses:
             return None
         bad = ~torch.stack([torch.isfinite(s[1]) for s in self.steps])
         return self.steps[int(bad.nonzero()[0, 0])] if bool(bad.any()) else None
+
+    def first_nonfinite_of_all(self, par):
+        """:meth:`first_nonfinite` over the ranks of a run (the earliest step; its loss values as floats and the
+        rank where it was), or None; only called when the reduced sums are not finite (one all-gather)."""
+        bad = self.first_nonfinite()
+        mine = None if bad is None else (bad[0], *(None if v is None else float(v) for v in bad[1:]), par.rank)
+        found = [b for b in par.all_gather(mine) if b is not None]
+        return min(found) if found else None
 
 
 def kept_epoch(train_cfg: Dict, epoch: int) -> bool:
@@ -179,12 +206,14 @@ class StopPolicy:
 
 @dataclass
 class Live:
-    """What a run holds while it trains: the model, its optimizer, the batch generator and the state."""
+    """What a run holds while it trains: the model, its optimizer, the batch generator and the state; ``net`` is
+    what a step calls (the model, or its DistributedDataParallel)."""
 
     model: torch.nn.Module
     opt: torch.optim.Optimizer
     gen: torch.Generator
     state: Dict
+    net: Optional[torch.nn.Module] = None
 
 
 class Progress:
@@ -217,11 +246,14 @@ class Progress:
 
 class Trainer:
     def __init__(self, cfg: Dict, data, out_dir: str, teacher: Optional[FrozenTeacher] = None, log=None,
-                 kd: Optional[KDMethod] = None):
+                 kd: Optional[KDMethod] = None, par: Optional[parallel.Parallel] = None):
         self.cfg, self.data, self.out = cfg, data, out_dir
         self.teacher = teacher
+        self.par = par if par is not None else parallel.current()
         self.log = log or (lambda msg: print(msg, flush=True))
-        self.device = torch.device(cfg.get("device") or "cpu")
+        if not self.par.is_writer:
+            self.log = lambda msg: None  # rank 0 tells the run; the others only their errors
+        self.device = torch.device(self.par.device(cfg.get("device")))
         C.check(cfg)  # the keys and values of the config (also of one changed after config.resolve)
         self.t = cfg["train"]
         self.ks = tuple(self.t.get("ks", (10, 20)))
@@ -229,6 +261,8 @@ class Trainer:
         self.kd = kd if kd is not None else kd_from_config(cfg, data)
         self.lam = kd_lambda(cfg)
         self.skip_nonfinite = self.t.get("nonfinite", "error") == "skip"
+        self.shard: Optional[parallel.Shard] = None  # this rank's users and steps (several processes)
+        self.scale = (1.0, 1.0)  # the factors of the base and KD losses of a rank's step (see _step)
 
     # --- files ----------------------------------------------------------------------------------
     def path(self, name):
@@ -249,10 +283,8 @@ class Trainer:
         """Trains the configured run in ``out`` (continues it from its checkpoint with ``resume``) until the
         stop policy ends it; returns the result (``{"status": "interrupted", ...}`` for a stop_after). The run
         holds the directory's lock throughout (another run into it is refused)."""
-        with run_lock(self.out, log=self.log):
-            for folder in (self.out, self.path(TRAJECTORY_DIR)):
-                remove_stale_temps(folder)  # of a writer that was killed; none is alive: we hold the lock
-            ck = self._checkpoint_to_resume(resume)
+        with self._run_dir():
+            ck = self.par.on_writer(lambda: self._checkpoint_to_resume(resume), "reading the checkpoint")
             if ck is not None and ck["state"]["done"]:
                 return self._already_finished(ck)
             live = self._start(ck)
@@ -260,28 +292,46 @@ class Trainer:
             status = stop.before_first_epoch(live.state)
             while status is None:
                 row, improved = self._epoch(live)
-                self._end_epoch(live, row, improved, stop)
-                status = stop.after_epoch(live.state)
+                status = self._end_epoch(live, row, improved, stop)
             if status == "interrupted":
                 self.log(f"stopped after epoch {live.state['epoch']} (resume with --resume --out {self.out})")
                 return {"status": "interrupted", "epoch": live.state["epoch"], "out": self.out}
             return self.finish(live.model, live.state, status)
 
-    def _already_finished(self, ck: Dict) -> Dict:
-        """The result of a finished run, read from its result.json: nothing on disk changes. Only when that
-        file is missing or unreadable (killed right after its last checkpoint) is the result written now."""
-        self.log("this run had already finished")
+    @contextlib.contextmanager
+    def _run_dir(self):
+        """The run directory for the block: its lock, held by rank 0 (the only writer; a second run into it is
+        refused), and the temporary files of a killed writer removed. Every rank learns whether rank 0 got it."""
+        with contextlib.ExitStack() as held:
+            def take():
+                held.enter_context(run_lock(self.out, log=self.log))
+                for folder in (self.out, self.path(TRAJECTORY_DIR)):
+                    remove_stale_temps(folder)  # of a writer that was killed; none is alive: we hold the lock
+            self.par.on_writer(take, f"taking the lock of {self.out}")
+            yield
+
+    def _read_result(self) -> Optional[Dict]:
         try:
             with open(self.path("result.json")) as f:
                 return json.load(f)
         except (OSError, ValueError):
-            live = self._start(ck)
-            return self.finish(live.model, live.state, "finished")
+            return None
+
+    def _already_finished(self, ck: Dict) -> Dict:
+        """The result of a finished run, read from its result.json: nothing on disk changes. Only when that
+        file is missing or unreadable (killed right after its last checkpoint) is the result written now."""
+        self.log("this run had already finished")
+        res = self.par.on_writer(self._read_result, "reading result.json")
+        if res is not None:
+            return res
+        live = self._start(ck)
+        return self.finish(live.model, live.state, "finished")
 
     def _start(self, ck: Optional[Dict]) -> Live:
         """The config file, the model, optimizer and batch generator (seeded), the KD method's teacher, and
-        the state of the checkpoint ``ck`` when the run is resumed."""
-        C.dump(self.cfg, self.path("config.yaml"))
+        the state of the checkpoint ``ck`` when the run is resumed; with several processes this rank's shard of
+        the users and the model's DistributedDataParallel."""
+        self.par.on_writer(lambda: C.dump(self.cfg, self.path("config.yaml")), "writing config.yaml")
         set_threads(self.cfg.get("threads"))
         seed = int(self.cfg.get("seed", 0))
         seed_everything(seed)
@@ -294,7 +344,32 @@ class Trainer:
             self.kd.attach(self.teacher)
         if ck is not None:
             self._restore(live, ck)
+        live.net = model
+        if self.par.distributed:
+            self._shard(live)
         return live
+
+    def _shard(self, live: Live) -> None:
+        """This rank's block of users (balanced by their training samples) and steps, the KD method restricted to
+        those users, the loss factors of a step, and the DistributedDataParallel of the model."""
+        par = self.par
+        self.shard = parallel.shard_for(live.model.sample_counts(self.data), int(self.t["batch_size"]), par.rank,
+                                        par.world)
+        if self.kd is not None:
+            self.kd.restrict_users(self.shard.lo, self.shard.hi)
+        # DDP averages the ranks' gradients; a loss summed over the batch is multiplied by the number of ranks so
+        # that the gradient is that of the sum over the whole step (every rank's samples), as in one process
+        kd_sum = self.kd is not None and self.kd.hp.get("reduction", "sum") == "sum"
+        self.scale = (float(par.world) if live.model.base_reduction == "sum" else 1.0,
+                      float(par.world) if kd_sum else 1.0)
+        live.net = par.wrap(live.model)
+
+    def _reseed(self, live: Live, epoch: int) -> None:
+        """Several processes: every random stream of this rank (batches and negatives, dropout, HSTU's negatives)
+        from (seed, rank, epoch), so that an epoch is the same in a resumed run as in an uninterrupted one."""
+        s = mix_seed(int(self.cfg.get("seed", 0)), self.par.rank, epoch, self.par.world)
+        seed_everything(s)
+        live.gen.manual_seed(s)
 
     def _checkpoint_to_resume(self, resume: bool) -> Optional[Dict]:
         """The checkpoint to continue from: asked, present and readable (a truncated one is an error that
@@ -308,7 +383,14 @@ class Trainer:
         if diffs:
             lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in diffs)
             raise ValueError(f"--resume with a different config than {self.path('config.yaml')}:\n{lines}")
-        return load_torch(self.path("checkpoint.pt"), "checkpoint", CHECKPOINT_KEYS)
+        ck = load_torch(self.path("checkpoint.pt"), "checkpoint", CHECKPOINT_KEYS)
+        n = int(ck.get("processes", 1))
+        if n != self.par.world:
+            how = "without torchrun or --nproc" if n == 1 else f"--nproc {n}, or torchrun with {n} in all"
+            raise ValueError(f"{self.path('checkpoint.pt')} was written by a run of {n} process(es), this one has "
+                             f"{self.par.world}: resume it with as many ({how}); the users' split and the random "
+                             f"streams depend on it")
+        return ck
 
     def _restore(self, live: Live, ck: Dict) -> None:
         live.model.load_state_dict(ck["model"])
@@ -326,6 +408,8 @@ class Trainer:
         weights: its history row and whether it is the best so far."""
         epoch = live.state["epoch"]
         t0 = time.time()
+        if self.par.distributed:
+            self._reseed(live, epoch)
         if self.kd is not None:
             self.kd.on_epoch_start(live.model, epoch)
         t1 = time.time()
@@ -337,9 +421,6 @@ class Trainer:
         row.update(time_kd_refresh_s=t1 - t0, time_train_s=t2 - t1)
         due = (epoch + 1) % int(self.t["eval_every"]) == 0 or epoch + 1 == int(self.t["epochs"])
         improved = self._evaluate(live, row) if due else False
-        if kept_epoch(self.t, epoch + 1):  # the training trajectory (before the checkpoint: resume-safe)
-            os.makedirs(os.path.dirname(trajectory_path(self.out, epoch + 1)), exist_ok=True)
-            self._save_weights(live.model, epoch + 1, trajectory_path(self.out, epoch + 1))
         row["time_eval_s"] = time.time() - t2
         row["time_epoch_s"] = time.time() - t0
         return row, improved
@@ -350,19 +431,26 @@ class Trainer:
         one), before anything of the epoch is written: the last checkpoint is the last good epoch's."""
         live.model.train()
         losses = EpochLosses()
-        batches = live.model.batches(self.data, int(self.t["batch_size"]), live.gen)
-        bar = Progress(batches, epoch, bool(self.t.get("progress", True)))
-        for batch in bar:
-            step = live.state["step"]
-            out = self._step(live, batch)
-            if out is None:
-                losses.skipped += 1
-                continue
-            losses.add(step, *out)
-            if not bar.show(out[0], out[1]):
-                break
+        par = self.par
+        batches = live.model.batches(self.data, int(self.t["batch_size"]), live.gen, shard=self.shard)
+        bar = Progress(batches, epoch, bool(self.t.get("progress", True)) and par.is_writer)
+        with par.talking(f"a training step of epoch {epoch + 1}"):  # DDP's gradients: a rank lost mid-step
+            for batch in bar:
+                step = live.state["step"]
+                out = self._step(live, batch)
+                if out is None:
+                    losses.skipped += 1
+                    continue
+                losses.add(step, *out)
+                # (with several processes every rank takes every step: the epoch's check below stops them all)
+                if not bar.show(out[0], out[1]) and not par.distributed:
+                    break
         bar.close()
-        bad = losses.first_nonfinite()
+        if par.distributed:
+            losses.reduce(par)  # a non-finite step of any rank makes the sums non-finite
+            bad = None if math.isfinite(losses.sums["loss"]) else losses.first_nonfinite_of_all(par)
+        else:
+            bad = losses.first_nonfinite()
         if bad is not None or (losses.skipped and not losses.steps):
             raise self._nonfinite_error(epoch, bad, losses.skipped)
         return losses
@@ -371,16 +459,28 @@ class Trainer:
         """One optimisation step on base + lambda x KD: (loss, base loss, KD loss or None, KD diagnostics);
         None for a step skipped for its non-finite loss (``train.nonfinite: skip``: a host synchronisation
         per step)."""
-        base, users, uv, iv = live.model.base_loss(batch)
+        base, users, uv, iv = live.net(batch)
         kd_loss, diag = None, {}
         if self.kd is not None:
             kd_loss, diag = self.kd.batch_loss(users, uv, iv, live.state["step"])
+        if self.par.distributed:
+            # a rank's losses as those of the whole step (the sum over every rank's samples, or the mean): the
+            # factors of _shard; DDP's average of the ranks' gradients is then the gradient of the whole step
+            base = base * self.scale[0]
+            kd_loss = None if kd_loss is None else kd_loss * self.scale[1]
         loss = base + self.lam * kd_loss if kd_loss is not None else base
         live.state["step"] += 1
-        if self.skip_nonfinite and not bool(torch.isfinite(loss)):
+        if self.skip_nonfinite and not self.par.distributed and not bool(torch.isfinite(loss)):
             return None
         live.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.skip_nonfinite and self.par.distributed:
+            # every rank skips the step when one rank's loss is not finite (the gradients were averaged already)
+            ok = self.par.all_reduce(torch.isfinite(loss.detach()).to(torch.int32).reshape(1), op="min",
+                                     what="the step's finite check")
+            if not bool(ok[0]):
+                live.opt.zero_grad(set_to_none=True)
+                return None
         live.opt.step()
         return loss, base, kd_loss, diag
 
@@ -391,42 +491,59 @@ class Trainer:
         if bad is None:
             return NonFiniteLossError(f"every step of epoch {epoch + 1} ({skipped}) had a non-finite loss and was "
                                       f"skipped; the run is stopped and {last}")
-        step, loss, base, kd_loss = bad
+        step, loss, base, kd_loss = bad[:4]
         kd = "" if kd_loss is None else f", kd loss {float(kd_loss)}"
-        return NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1} (loss {float(loss)}, base "
-                                  f"loss {float(base)}{kd}); the run is stopped and {last}")
+        where = f" on rank {bad[4]} of {self.par.world}" if len(bad) > 4 else ""
+        return NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {step + 1}{where} (loss {float(loss)}, "
+                                  f"base loss {float(base)}{kd}); the run is stopped and {last}")
 
     def _evaluate(self, live: Live, row: Dict) -> bool:
-        """Valid and test metrics into ``row``; the early-stopping state; best_model.pt when the valid metric
-        improved (returned)."""
+        """Valid and test metrics into ``row`` (the users split over the processes); the early-stopping state;
+        whether the valid metric improved (returned: best_model.pt is written with the epoch's files)."""
         res = evaluate_model(live.model, self.data, self.ks, batch_size=int(self.t.get("eval_batch_size", 1024)),
-                             convention=self.t.get("metric_convention", "ours"))
+                             convention=self.t.get("metric_convention", "ours"), par=self.par)
         for split, ms in res.items():
             row.update({f"{split}_{m}": v for m, v in ms.items()})
         state = live.state
         if res["valid"][self.metric] > state["best"]:
             state.update(best=res["valid"][self.metric], best_epoch=row["epoch"], bad=0)
-            self._save_weights(live.model, row["epoch"], self.path("best_model.pt"))
             return True
         state["bad"] += 1
         return False
 
-    def _end_epoch(self, live: Live, row: Dict, improved: bool, stop: StopPolicy) -> None:
-        """Records the epoch (state, checkpoint, history, its line in the log)."""
+    def _end_epoch(self, live: Live, row: Dict, improved: bool, stop: StopPolicy) -> Optional[str]:
+        """Records the epoch (state; on rank 0 its files and its line in the log) and returns the stop policy's
+        status after it (rank 0's, on every rank: its time limit is the run's)."""
         state = live.state
         state["history"].append(row)
         state["epoch"] = row["epoch"]
         state["elapsed_s"] += row["time_epoch_s"]
         state["done"] = stop.finished(state)
+
+        def write() -> Optional[str]:
+            self._write_epoch(live, row, improved)
+            return stop.after_epoch(state)
+        return self.par.on_writer(write, f"writing the files of epoch {row['epoch']}")
+
+    def _write_epoch(self, live: Live, row: Dict, improved: bool) -> None:
+        """The files of an epoch, in this order: best_model.pt when it improved, its trajectory weights, then
+        checkpoint.pt (so that a resumed run never lacks one of its epochs' files), the history, the log line."""
+        epoch = row["epoch"]
+        if improved:
+            self._save_weights(live.model, epoch, self.path("best_model.pt"))
+        if kept_epoch(self.t, epoch):  # the training trajectory
+            os.makedirs(os.path.dirname(trajectory_path(self.out, epoch)), exist_ok=True)
+            self._save_weights(live.model, epoch, trajectory_path(self.out, epoch))
         self._checkpoint(live)
-        self._write_history(state["history"])
+        self._write_history(live.state["history"])
         self.log(self._line(row, improved))
 
     def _checkpoint(self, live: Live) -> None:
         save_torch({"model": live.model.state_dict(), "optimizer": live.opt.state_dict(),
                     "generator": live.gen.get_state(), **rng_states(), "state": live.state,
                     "kd_state": self.kd.state_dict() if self.kd is not None else None,
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    "processes": self.par.world},
                    self.path("checkpoint.pt"))
 
     def _line(self, row, improved):
@@ -443,15 +560,33 @@ class Trainer:
 
     # --- the result -------------------------------------------------------------------------------
     def finish(self, model, state, status) -> Dict:
-        """The best epoch's weights back in ``model``; result.json (and a teacher's top-K cache, the curves)."""
-        best_path = self.path("best_model.pt")
-        if os.path.exists(best_path):
-            model.load_state_dict(load_torch(best_path, "weights file", ("state",))["state"])
+        """The best epoch's weights back in ``model``; result.json (and a teacher's top-K cache, the curves). With
+        several processes the teacher's top-K lists are ranked by every process for its users (rank 0 sends the
+        best weights); rank 0 writes the files and every rank returns its result."""
+        teacher = self.cfg["role"] == "teacher"
+
+        def best_weights():
+            best_path = self.path("best_model.pt")
+            if not os.path.exists(best_path):
+                return None
+            return load_torch(best_path, "weights file", ("state",))["state"]
+        if teacher and self.par.distributed:  # every rank ranks its users with the best weights
+            best = self.par.on_writer(best_weights, "reading best_model.pt")
+        else:
+            best = best_weights() if self.par.is_writer else None
+        if best is not None:
+            model.load_state_dict(best)
         model.to(self.device)
+        topk = None
+        if teacher:
+            topk = int(cache_topk(model, self.data, int(self.cfg.get("teacher_topk", 500)), self.out,
+                                  par=self.par).shape[1])
+        return self.par.on_writer(lambda: self._write_result(model, state, status, topk), "writing result.json")
+
+    def _write_result(self, model, state, status, topk: Optional[int]) -> Dict:
         res = self._result(model, state, status)
-        if self.cfg["role"] == "teacher":
-            res["teacher_topk"] = int(cache_topk(model, self.data, int(self.cfg.get("teacher_topk", 500)),
-                                                 self.out).shape[1])
+        if topk is not None:
+            res["teacher_topk"] = topk
         write_json(self.path("result.json"), res, durable=True)
         if self.t.get("plot", True):
             cfg = self.cfg
@@ -475,6 +610,7 @@ class Trainer:
             "mean_epoch_time_s": float(np.mean([r["time_epoch_s"] for r in hist])) if hist else 0.0,
             "mean_train_time_s": float(np.mean([r["time_train_s"] for r in hist])) if hist else 0.0,
             "total_time_s": state["elapsed_s"],
+            "processes": self.par.world,
             "data": self.data.stats(),
             "params": int(sum(p.numel() for p in model.parameters())),
         }
