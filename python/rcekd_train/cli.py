@@ -8,6 +8,8 @@ import sys
 import time
 import traceback
 
+from . import parallel
+
 EPILOG = """examples:
   rcekd demo                                   # synthetic data: teacher, scratch student, RCE-KD student
   rcekd download citeulike --data-dir DATA     # fetch + verify the public files (needs internet)
@@ -17,6 +19,8 @@ EPILOG = """examples:
                 --data-dir DATA --out runs/cul/rcekd-mf
   rcekd evaluate --run runs/cul/rcekd-mf --data-dir DATA
   rcekd collect runs/cul/teacher-mf runs/cul/student-mf runs/cul/rcekd-mf --out results/citeulike
+  rcekd distill --nproc 2 ...                  # 2 processes on this machine (data parallel over users)
+  torchrun --nproc-per-node 2 -m rcekd_train distill ...   # the same, launched by torchrun (docs/DISTRIBUTED.md)
 
 Settings come from the packaged YAML files (rcekd_train/configs/: defaults.yaml and one file per data
 set, with the authors' hyperparameters per backbone and teacher->student pair); any key can be
@@ -62,6 +66,13 @@ def _common(p, student=False):
     g.add_argument("--max-minutes", type=float, default=None,
                    help="end after this wall time, reporting the best epoch so far (--resume continues it)")
     g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    g = p.add_argument_group("several processes (data parallel over users; docs/DISTRIBUTED.md)")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine: relaunches this command under torchrun "
+                   "(torchrun --standalone --nproc-per-node N -m rcekd_train ...); under torchrun, leave it out")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long a process waits for the others in a collective before it stops the run with an "
+                   f"error (default ${parallel.TIMEOUT_ENV} or {parallel.DEFAULT_TIMEOUT_S:g})")
     g = p.add_argument_group("training (override the config)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
@@ -210,9 +221,17 @@ def cmd_train_teacher(a):
     flags["train.keep_every"] = a.keep_every
     cfg = resolve(a.dataset, "teacher", a.model, user_config=_user_config(a.config), sets=a.sets, flags=flags)
     out = a.out or os.path.join("runs", cfg["dataset"], f"teacher-{a.model}")
-    res = run_seeds(cfg, out, a.seeds, a.resume)
-    print(json.dumps({k: res.get(k) for k in ("status", "best_epoch", "test") if k in res} if not a.seeds else
-                     res, indent=1))
+    return _train(a, cfg, out, run_seeds)
+
+
+def _train(a, cfg, out, run_seeds) -> int:
+    """Runs the configured training, in this process or, under torchrun, as one rank of the run (rank 0 prints the
+    result)."""
+    with parallel.session(cfg.get("device"), a.dist_timeout) as par:
+        res = run_seeds(cfg, out, a.seeds, a.resume)
+        if par.is_writer:
+            print(json.dumps({k: res.get(k) for k in ("status", "best_epoch", "test") if k in res} if not a.seeds
+                             else res, indent=1))
     return 0
 
 
@@ -233,10 +252,7 @@ def cmd_distill(a):
         cfg["teacher_dir"] = a.teacher
     name = f"student-{a.student}" if a.kd == "none" else f"{a.kd}-{teacher_model}-{a.student}"
     out = a.out or os.path.join("runs", cfg["dataset"], name)
-    res = run_seeds(cfg, out, a.seeds, a.resume)
-    print(json.dumps({k: res.get(k) for k in ("status", "best_epoch", "test") if k in res} if not a.seeds else
-                     res, indent=1))
-    return 0
+    return _train(a, cfg, out, run_seeds)
 
 
 def cmd_evaluate(a):
@@ -252,9 +268,12 @@ def cmd_evaluate(a):
     saved = load_torch(os.path.join(a.run, "best_model.pt"), "weights file", ("state",))
     model = build_model(cfg["model"]["name"], data, **model_hparams(cfg))
     model.load_state_dict(saved["state"])
-    model.to(a.device or cfg.get("device") or "cpu")
     conv = a.convention or cfg.get("train", {}).get("metric_convention", "ours")
-    res = evaluate_model(model, data, tuple(a.ks), tuple(a.splits), convention=conv)
+    with parallel.session(a.device or cfg.get("device")) as par:  # under torchrun: the users split, reduced
+        model.to(par.device(a.device or cfg.get("device")))
+        res = evaluate_model(model, data, tuple(a.ks), tuple(a.splits), convention=conv, par=par)
+    if not par.is_writer:
+        return 0
     if a.json:
         print(json.dumps({"run": a.run, "epoch": saved.get("epoch"), "metric_convention": conv, **res}, indent=1))
     else:
@@ -355,26 +374,90 @@ def cmd_demo(a):
     return 0
 
 
+#: the commands that run under torchrun (several processes); the others run in one
+PARALLEL_COMMANDS = ("train-teacher", "distill", "evaluate")
+
+
 def main(argv=None) -> int:
     # OpenMP threads that spin while waiting are very slow on a busy machine; must be set before torch loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
     if not a.command:
         parser.print_help()
         return 0
     fn = {"demo": cmd_demo, "train-teacher": cmd_train_teacher, "distill": cmd_distill, "evaluate": cmd_evaluate,
           "download": cmd_download, "collect": cmd_collect, "reproduce": cmd_reproduce}[a.command]
+    where = ""
+    if parallel.launched():
+        where = f"rank {os.environ.get('RANK', '?')}/{os.environ.get('WORLD_SIZE')}: "
     try:
+        nproc = getattr(a, "nproc", None)
+        if parallel.launched():
+            if a.command not in PARALLEL_COMMANDS:
+                raise ValueError(f"rcekd {a.command} runs in one process; under torchrun run "
+                                 f"{', '.join(PARALLEL_COMMANDS)}")
+            if nproc is not None:
+                raise ValueError("--nproc launches torchrun itself: leave it out under torchrun")
+        elif nproc is not None:
+            if nproc < 1:
+                raise ValueError(f"--nproc must be >= 1, got {nproc}")
+            if nproc > 1:
+                return launch(argv, nproc, bool(getattr(a, "debug", False)))
         return fn(a)
     except KeyboardInterrupt:
-        print("\nrcekd: interrupted; the last complete epoch is checkpointed: rerun with --resume", file=sys.stderr)
+        print(f"\nrcekd: {where}interrupted; the last complete epoch is checkpointed: rerun with --resume",
+              file=sys.stderr)
         return 130
     except Exception as e:  # every error is one line (the traceback with --debug)
         if getattr(a, "debug", False):
             traceback.print_exc()
-        print(f"rcekd: error: {error_line(e)}", file=sys.stderr)
+        line = error_line(e)
+        print(f"rcekd: error: {'' if line.startswith('rank ') else where}{line}", file=sys.stderr)
         return 2
+
+
+def without_nproc(argv):
+    """The command line without its ``--nproc N`` / ``--nproc=N`` (what the launched processes run)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            out.append(x)
+    if build_parser().parse_args(out).__dict__.get("nproc") is not None:
+        raise ValueError("write --nproc N in full (an abbreviation of it cannot be taken out of the command line)")
+    return out
+
+
+def launch(argv, nproc: int, debug: bool = False) -> int:
+    """``--nproc N``: this command in N processes on this machine, launched by torchrun's launcher
+    (``torch.distributed.run``: ``--standalone --nproc-per-node N -m rcekd_train ARGS``, no restarts); its status is
+    that of the first process that failed (its error line is printed by that process), 0 when all succeed."""
+    import logging
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    child = without_nproc(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # (torchrun's default too, without its warning)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # one machine: the processes talk over the loopback interface
+    if not debug:  # the launcher's own log lines repeat the processes' errors
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = torchrun.parse_args(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
+                                "--monitor-interval", "0.2", "-m", "rcekd_train"] + child)
+    try:
+        torchrun.run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        raise RuntimeError(f"process {rank} of {nproc} {how} (its error, if any, is above) and the others were "
+                           f"stopped") from None
+    return 0
 
 
 #: the errors whose message says it all (the drivers' own, the system's, torch's); others are named by their type
