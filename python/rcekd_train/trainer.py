@@ -149,7 +149,7 @@ class EpochLosses:
         bad = self.first_nonfinite()
         mine = None if bad is None else (bad[0], *(None if v is None else float(v) for v in bad[1:]), par.rank)
         found = [b for b in par.all_gather(mine) if b is not None]
-        return min(found) if found else None
+        return min(found, key=lambda b: (b[0], b[-1])) if found else None  # the earliest step, then the lowest rank
 
 
 def kept_epoch(train_cfg: Dict, epoch: int) -> bool:
