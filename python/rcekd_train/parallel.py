@@ -211,7 +211,7 @@ class Distributed(Parallel):
                                f"the processes with torchrun (or rcekd ... --nproc N)")
         self.rank, self.world = int(env["RANK"]), int(env["WORLD_SIZE"])
         self.local_rank = int(env.get("LOCAL_RANK", self.rank))
-        self.timeout_s = float(timeout_s or env.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
+        self.timeout_s = float(timeout_s if timeout_s is not None else env.get(TIMEOUT_ENV) or DEFAULT_TIMEOUT_S)
         if not self.timeout_s > 0:
             raise ValueError(f"the collectives' timeout must be > 0 seconds, got {self.timeout_s}")
         self.cuda = str(device or "cpu").startswith("cuda")
@@ -219,6 +219,10 @@ class Distributed(Parallel):
             if str(device) != "cuda":
                 raise ValueError(f"under torchrun give --device cuda, not {device}: each process takes the GPU "
                                  f"of its LOCAL_RANK")
+            if not torch.cuda.is_available() or self.local_rank >= torch.cuda.device_count():
+                have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+                raise ValueError(f"process {self.rank} (LOCAL_RANK {self.local_rank}) needs GPU {self.local_rank}, "
+                                 f"this machine has {have}: launch at most {have} process(es) per machine")
             torch.cuda.set_device(self.local_rank)
         self.backend = "nccl" if self.cuda else "gloo"
         self.comm_device = torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
