@@ -159,6 +159,7 @@ def timing(a) -> None:
     from rcekd_train.models.base import PairBatches
     from rcekd_train.runs import get_data
     work = a.work or tempfile.mkdtemp(prefix="bench_ddp_")
+    os.makedirs(work, exist_ok=True)
     teacher = a.teacher
     if teacher is None:
         teacher = os.path.join(work, "teacher")
@@ -215,6 +216,7 @@ def closeness(a) -> None:
     from rcekd_train.config import resolve
     from rcekd_train.runs import run_one
     work = a.work or tempfile.mkdtemp(prefix="bench_ddp_close_")
+    os.makedirs(work, exist_ok=True)
     rows = []
     for seed in a.seeds:
         teacher = os.path.join(work, f"teacher_{seed}")
