@@ -166,11 +166,13 @@ def timing(a) -> None:
         if not os.path.exists(os.path.join(teacher, "result.json")):
             cmd = [sys.executable, "-m", "rcekd_train", "train-teacher", "--dataset", a.dataset, "--model", "mf",
                    "--no-progress", "--epochs", str(a.teacher_epochs), "--out", teacher, "--set", "train.plot=false"]
+            for kv in a.data_set:
+                cmd += ["--set", kv]
             if a.data_dir:
                 cmd += ["--data-dir", a.data_dir]
             print(f"teacher: {' '.join(cmd)}", flush=True)
             run(cmd, timeout=a.timeout)
-    sets = [f"train.epochs={a.epochs}", f"threads={a.threads}"] + list(a.set)
+    sets = [f"train.epochs={a.epochs}", f"threads={a.threads}"] + list(a.data_set) + list(a.set)
     rows, base = [], None
     for n in a.nprocs:
         cfg = student_cfg(a.dataset, a.data_dir, teacher, sets)
@@ -209,7 +211,7 @@ def timing(a) -> None:
             "device": device_name("cpu"), "torch": torch.__version__, "commit": commit(),
             "date": _dt.date.today().isoformat()})
         print(rows[-1], flush=True)
-    write_rows(os.path.join(HERE, "results", f"ddp_{a.tag}.csv"), FIELDS, rows)
+    write_rows(os.path.join(a.results, f"ddp_{a.tag}.csv"), FIELDS, rows)
 
 
 def closeness(a) -> None:
@@ -233,7 +235,7 @@ def closeness(a) -> None:
                          **{m: f"{res['test'][m]:.5f}" for m in ("recall@20", "ndcg@10", "ndcg@20")},
                          "commit": commit(), "date": _dt.date.today().isoformat()})
             print(rows[-1], flush=True)
-    write_rows(os.path.join(HERE, "results", "ddp_closeness.csv"), CLOSE_FIELDS, rows, append=False)
+    write_rows(os.path.join(a.results, "ddp_closeness.csv"), CLOSE_FIELDS, rows, append=False)
     for m in ("recall@20", "ndcg@10", "ndcg@20"):
         one = [float(r[m]) for r in rows if r["nproc"] == 1]
         two = [float(r[m]) for r in rows if r["nproc"] == 2]
@@ -265,8 +267,11 @@ def main(argv=None):
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more settings of the students")
+    p.add_argument("--data-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="settings of the data (data.*), for the teacher and the students")
     p.add_argument("--work", default=None, help="folder of the runs (default: a temporary one)")
     p.add_argument("--tag", default="cpu", help="results/ddp_<tag>.csv")
+    p.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of the CSV files")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--closeness", action="store_true", help="the spread of 1 against 2 processes over seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

@@ -104,3 +104,23 @@ def test_profile_report_names_the_ops(tmp_path):
     text = out.read_text()
     assert "wall per forward+backward (median)" in text
     assert "rcekd::fused_fwd" in text and "rcekd::fused_bwd" in text  # the custom ops were profiled
+
+
+def test_bench_ddp_quick_end_to_end(tmp_path):
+    """bench_ddp.py on a tiny synthetic setting, 1 and 2 processes: one row each, DDP's bytes per step equal to
+    the model's parameter bytes in 2 processes, nothing all-reduced per refresh."""
+    import bench_ddp
+    data = ["data.num_users=200", "data.num_items=150", "data.mean_items=10", "data.min_items=5",
+            "data.max_items=30"]
+    args = ["--dataset", "synthetic", "--nprocs", "1", "2", "--epochs", "2", "--teacher-epochs", "1", "--work",
+            str(tmp_path / "work"), "--results", str(tmp_path), "--tag", "quick", "--timeout", "240",
+            "--set", "train.batch_size=256", "--set", "model.dim=8"]
+    for kv in data:
+        args += ["--data-set", kv]
+    bench_ddp.main(args)
+    with open(tmp_path / "ddp_quick.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["nproc"] for r in rows] == ["1", "2"] and all(r["epochs"] == "2" for r in rows)
+    two = rows[1]
+    assert two["ddp_bytes_per_step"] == two["param_bytes"] == str((200 + 150) * 8 * 4)
+    assert two["refresh_comm_bytes"] == "0" and int(two["epoch_comm_bytes"]) > 0
