@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import math
 import os
 import pickle
@@ -330,7 +331,11 @@ class Distributed(Parallel):
         return value
 
     def close(self) -> None:
+        """Frees what still holds the process group (a DistributedDataParallel in a reference cycle keeps it, and
+        gloo's threads, alive until the interpreter's exit, where freeing them aborts the process), then destroys
+        it."""
         dist = torch.distributed
+        gc.collect()
         if dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
