@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -226,7 +227,10 @@ def cmd_train_teacher(a):
 
 def _train(a, cfg, out, run_seeds) -> int:
     """Runs the configured training, in this process or, under torchrun, as one rank of the run (rank 0 prints the
-    result)."""
+    result). ``a.check_only``: the command's arguments and config are checked, nothing runs (``--nproc``, before
+    it launches the processes)."""
+    if getattr(a, "check_only", False):
+        return 0
     with parallel.session(cfg.get("device"), a.dist_timeout) as par:
         res = run_seeds(cfg, out, a.seeds, a.resume)
         if par.is_writer:
@@ -379,6 +383,16 @@ PARALLEL_COMMANDS = ("train-teacher", "distill", "evaluate")
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        if parallel.launched():
+            # an error's traceback kept the trainer (and its DistributedDataParallel, which holds the process
+            # group) alive past the session: freed here, while the interpreter is alive (see Distributed.close)
+            gc.collect()
+
+
+def _main(argv=None) -> int:
     # OpenMP threads that spin while waiting are very slow on a busy machine; must be set before torch loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
@@ -404,6 +418,8 @@ def main(argv=None) -> int:
             if nproc < 1:
                 raise ValueError(f"--nproc must be >= 1, got {nproc}")
             if nproc > 1:
+                a.check_only = True
+                fn(a)  # a bad argument or config is one error here, not one per process
                 return launch(argv, nproc, bool(getattr(a, "debug", False)))
         return fn(a)
     except KeyboardInterrupt:
