@@ -144,7 +144,9 @@ def build_parser():
 
     e = command("evaluate", help="evaluate a trained run (its best weights)",
                        description="Full-ranking Recall/NDCG of the best weights of a run directory.")
-    e.add_argument("--run", required=True, help="a run directory (with config.yaml and best_model.pt)")
+    e.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="a run directory (with config.yaml and best_model.pt); --run-dir under torchrun, whose "
+                   "parser takes --run for its own --run-path")
     e.add_argument("--data-dir", default=None)
     e.add_argument("--splits", nargs="+", default=["valid", "test"])
     e.add_argument("--ks", type=int, nargs="+", default=[10, 20])
@@ -464,7 +466,10 @@ def launch(argv, nproc: int, debug: bool = False) -> int:
     if not debug:  # the launcher's own log lines repeat the processes' errors
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     args = torchrun.parse_args(["--standalone", "--nproc-per-node", str(nproc), "--max-restarts", "0",
-                                "--monitor-interval", "0.2", "-m", "rcekd_train"] + child)
+                                "--monitor-interval", "0.2", "-m", "rcekd_train"])
+    # given to the processes as they are: torchrun's own parser would take an option of ours that abbreviates
+    # one of its own (evaluate's --run for its --run-path) as its own
+    args.training_script_args = child
     try:
         torchrun.run(args)
     except ChildFailedError as e:
