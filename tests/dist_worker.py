@@ -115,8 +115,30 @@ def check_training(par, out):
     torch.save(got, os.path.join(out, f"rank{par.rank}.pt"))
 
 
+def check_methods(par, out):
+    """Every backbone as a teacher and a student, every KD method and RCE-KD's other protocol and a variant, one or
+    two epochs each in 2 processes: each run ends, with the same result on both ranks."""
+    got = {}
+    quiet = lambda m: None
+    for model in ("lightgcn", "hstu"):
+        cfg = resolve("synthetic", "teacher", model, sets=DATA + FAST + ["train.epochs=2", "train.keep_every=1"])
+        got[f"teacher-{model}"] = run_one(cfg, os.path.join(out, f"teacher-{model}"), log=quiet)
+    runs = [("mf", "lightgcn", m, []) for m in ("ce", "cd", "rrd", "dcd")] + [("mf", "lightgcn", "hetcomp",
+                                                                              ["kd.num_ckpt=2"])]
+    runs += [("mf", "lightgcn", "rcekd", ["kd.refresh=batch"]), ("mf", "lightgcn", "rcekd", ["kd.variant=no_split"]),
+             ("lightgcn", "lightgcn", "rcekd", []), ("hstu", "hstu", "rcekd", []), ("mf", None, "none", [])]
+    for student, teacher, method, extra in runs:
+        name = f"{method}-{teacher}-{student}-{len(extra) and extra[0]}"
+        cfg = resolve("synthetic", "student", student, kd_method=method, teacher_model=teacher,
+                      sets=DATA + FAST + ["train.epochs=1"] + extra)
+        if teacher:
+            cfg["teacher_dir"] = os.path.join(out, f"teacher-{teacher}")
+        got[name] = run_one(cfg, os.path.join(out, name), log=quiet)
+    torch.save(got, os.path.join(out, f"rank{par.rank}.pt"))
+
+
 if __name__ == "__main__":
     check, out = sys.argv[1], sys.argv[2]
     with parallel.session(timeout_s=60) as par:
         assert par.world == int(os.environ["WORLD_SIZE"]) > 1
-        {"primitives": check_primitives, "training": check_training}[check](par, out)
+        {"primitives": check_primitives, "training": check_training, "methods": check_methods}[check](par, out)

@@ -240,6 +240,20 @@ def test_training_writes_on_rank_0_only_and_stops_every_rank_on_a_nan(tmp_path, 
     assert [r["skipped_steps"] for r in history(tmp_path / "skip")] == [2, 0, 0]
 
 
+def test_every_backbone_and_kd_method_runs_in_two_processes(tmp_path):
+    """LightGCN and HSTU teachers (DDP over every parameter of each backbone), students of the three backbones,
+    every KD method (their per-epoch targets of all users on each rank), RCE-KD per batch and an ablation: each ends
+    with the same result on both ranks and finite metrics."""
+    res = finish(spawn([sys.executable, os.path.join(HERE, "dist_worker.py"), "methods", str(tmp_path)]))
+    for code, _o, err in res:
+        assert code == 0, err[-3000:]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert got[0] == got[1] and len(got[0]) == 12
+    for name, r in got[0].items():
+        assert r["processes"] == 2 and all(np.isfinite(v) for v in r["test"].values()), name
+        assert json.load(open(tmp_path / name / "result.json")) == r
+
+
 # --- the command line in 2 processes ----------------------------------------------------------------------------------
 def test_nproc_launches_train_teacher_in_two_processes(tmp_path):
     """``rcekd train-teacher --nproc 2``: torchrun's launcher starts 2 processes; rank 0 alone prints the result and
