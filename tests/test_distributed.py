@@ -249,3 +249,25 @@ def test_not_initialized_is_a_clear_error():
         pytest.skip("a process group exists in this process")
     with pytest.raises(RuntimeError, match="not initialized"):
         D.sharded_select(torch.zeros(2, 5), torch.zeros(2, 5), K=1, M=2, L=1)
+
+
+def test_benchmark_bytes_equal_the_model(tmp_path):
+    """benchmarks/bench_distributed.py on tiny shapes, 1 and 2 processes: a row per (kind, provider,
+    op), and the measured wire bytes equal the model of docs/DISTRIBUTED.md."""
+    import csv
+    out = tmp_path / "d.csv"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_distributed.py"), "--N", "600",
+                        "--B", "16", "--users", "40", "--M", "20", "--K", "5", "--L", "6", "--D", "4", "--repeats", "1",
+                        "--epoch-repeats", "1", "--warmup", "0", "--timeout", "120", "--csv", str(out)],
+                       env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 2 * 3 * 2 + 2 * 3  # P = 1: sharded and plain; P = 2: sharded
+    for row in rows:
+        if row["provider"] == "sharded":
+            assert row["wire_bytes"] == row["model_wire_bytes"], row
+        assert float(row["p50_ms"]) > 0
+    p2 = {(r["kind"], r["op"]): int(r["wire_bytes"]) for r in rows if r["procs"] == "2"}
+    assert p2[("dense", "select")] == 16 * (20 + 5) * 8 + 25 * 8  # the candidates and the metadata word
+    assert p2[("emb", "step")] == 2 * 16 * (2 * 5 + 6) * 4 + 16 * 4 * 4  # scores (ring: 2 (P-1)/P = 1) + user grad
