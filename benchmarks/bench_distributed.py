@@ -298,6 +298,39 @@ def launch(a, P: int) -> List[Dict[str, Any]]:
             return json.load(f)
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def table(path: str) -> str:
+    """A markdown table of a CSV of this benchmark: per (N, kind, op) the p50 wall and CPU time of
+    each (provider, P) and the wire bytes per process, with the source's provenance."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    cols = sorted({(r["provider"], int(r["procs"])) for r in rows}, key=lambda c: (c[0] != "plain", c[1]))
+    head = " | ".join(f"{p} P={n}: wall / CPU ms" for p, n in cols)
+    out = [f"| N | kind | op | {head} | wire bytes per process (P = {max(n for _, n in cols)}) |",
+           "| --- " * (4 + len(cols)) + "|"]
+    keys = sorted({(int(r["N"]), r["kind"], r["op"]) for r in rows}, key=lambda k: (k[0], k[1], "select step epoch"
+                                                                                       .split().index(k[2])))
+    for N, kind, op in keys:
+        cells, wire = [], ""
+        for p, n in cols:
+            r = next((r for r in rows if (int(r["N"]), r["kind"], r["op"], r["provider"], int(r["procs"])) ==
+                      (N, kind, op, p, n)), None)
+            cells.append("" if r is None else f"{float(r['p50_ms']):.0f} / {float(r['cpu_p50_ms']):.0f}")
+            if r is not None and p == "sharded":
+                wire = _mb(int(r["wire_bytes"]))
+        out.append(f"| {N:,} | {kind} | {op} | " + " | ".join(cells) + f" | {wire} |")
+    r0 = rows[0]
+    dim = next((r["D"] for r in rows if r["D"]), "-")
+    out.append("")
+    out.append(f"{r0['device']}, torch {r0['torch']}, commit {r0['commit']}, {r0['date']}, {r0['threads']} thread(s) "
+               f"per process; B = {r0['B']}, M = {r0['M']}, K = {r0['K']}, L = {r0['L']}, D = {dim} (emb), "
+               f"{r0['users']} users per epoch (source: {os.path.relpath(path, ROOT)})")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -318,12 +351,16 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before the workers are killed")
     p.add_argument("--csv", default=None, help="default: benchmarks/results/distributed_<tag>.csv")
+    p.add_argument("--table", metavar="CSV", help="print the markdown table of a CSV of this benchmark and exit")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.table:
+        print(table(a.table))
+        return
     if a._worker:
         worker(a)
         return
