@@ -36,7 +36,8 @@ The communication of each call can be recorded in a :class:`CommLog`
 Example (``torchrun --nproc-per-node 2 train.py``)::
 
     dist.init_process_group("nccl")                     # or "gloo" on CPUs
-    layout = shard_layout(item_vecs_shard.shape[0])     # offsets of the shards, once
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    layout = shard_layout(item_vecs_shard.shape[0], device="cuda")   # offsets of the shards, once
     with torch.no_grad():                               # per epoch / per refresh
         sel = sharded_select_embeddings(user_vecs, item_vecs_shard, t_user_vecs, t_item_vecs_shard,
                                         item_offset=layout.offset, K=50, M=200, L=50, seed=epoch,
