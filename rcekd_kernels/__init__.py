@@ -1,6 +1,7 @@
 """rcekd_kernels: the RCE-KD loss (Rejuvenated Cross-Entropy for Knowledge
 Distillation in recommender systems), exact and fast, on several backends."""
-from . import ops  # registers the torch.library custom ops  # noqa: F401
+# ops registers the torch.library custom ops; distributed: item-sharded selection and loss
+from . import distributed, ops  # noqa: F401
 from ._version import __version__
 from .backends import available_backends
 from .backends import describe as describe_backends
@@ -23,5 +24,6 @@ __all__ = [
     "available_backends",
     "describe_backends",
     "build_info",
+    "distributed",
     "__version__",
 ]

@@ -126,19 +126,26 @@ def check_dense(s, t, teacher_topk, exclude, row_ids, cfg: RCEKDConfig, *, valid
             raise ValueError(f"exclude leaves {bad} items in row {row}, fewer than M = {M}; every row "
                              f"needs at least M non-excluded items")
     if teacher_topk is not None:
-        lo, hi = int(teacher_topk.min()), int(teacher_topk.max())
-        if lo < 0 or hi >= N:
-            raise ValueError(f"teacher_topk ids must lie in [0, N) = [0, {N}), got min {lo}, max {hi}")
-        srt = torch.sort(teacher_topk, dim=1).values
-        dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
-        if bool(dup.any()):
-            row = int(dup.nonzero()[0, 0])
-            raise ValueError(f"teacher_topk has a repeated id in row {row}; ids must be unique per row")
+        check_topk_ids(teacher_topk, N)
         if exclude is not None:
             hit = exclude.gather(1, teacher_topk).any(dim=1)
             if bool(hit.any()):
                 row = int(hit.nonzero()[0, 0])
                 raise ValueError(f"teacher_topk holds an id that exclude marks in row {row}")
+
+
+def check_topk_ids(teacher_topk: torch.Tensor, N: int) -> None:
+    """The data of given teacher top-K ids (B, K): in [0, N), unique per row (one pass, a synchronisation)."""
+    if teacher_topk.numel() == 0:
+        return
+    lo, hi = int(teacher_topk.min()), int(teacher_topk.max())
+    if lo < 0 or hi >= N:
+        raise ValueError(f"teacher_topk ids must lie in [0, N) = [0, {N}), got min {lo}, max {hi}")
+    srt = torch.sort(teacher_topk, dim=1).values
+    dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+    if bool(dup.any()):
+        row = int(dup.nonzero()[0, 0])
+        raise ValueError(f"teacher_topk has a repeated id in row {row}; ids must be unique per row")
 
 
 def check_pool(pool, qt, row_ids, cfg: RCEKDConfig, *, validate: bool) -> None:
