@@ -180,3 +180,149 @@ def fused_bwd(grad_rows: Tensor, s: Tensor, t: Tensor, idx: Tensor, q2_mask: Ten
     out = torch.zeros(s.shape, dtype=g.dtype, device=s.device)
     out.scatter_add_(1, idx, g)  # QS and A may share items: their parts add up
     return out.to(s.dtype)
+
+
+# ----------------------------------------------------------------------------- topm_dot
+# Streaming top-M of a matrix product (issue 12, item 1). The same function, under the
+# same name and signature, exists in every backend (see tests/test_topm_dot.py).
+
+#: Items per tile of the reference's topm_dot (its memory is O(B * (M + TOPM_TILE))).
+TOPM_TILE = 4096
+
+
+def topm_check(user_vecs: Tensor, item_vecs: Tensor, M: int, exclude_offsets: Optional[Tensor],
+               exclude_ids: Optional[Tensor], item_offset: int) -> None:
+    """ValueError / TypeError for arguments topm_dot does not accept (every backend)."""
+    for name, x in (("user_vecs", user_vecs), ("item_vecs", item_vecs)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"topm_dot: {name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"topm_dot: {name} must be 2-D, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"topm_dot: {name} must have a floating dtype, got {x.dtype}")
+    if user_vecs.dtype != item_vecs.dtype:
+        raise TypeError(f"topm_dot: user_vecs ({user_vecs.dtype}) and item_vecs ({item_vecs.dtype}) "
+                        f"must have one dtype")
+    if user_vecs.shape[1] != item_vecs.shape[1]:
+        raise ValueError(f"topm_dot: user_vecs has D = {user_vecs.shape[1]} but item_vecs has "
+                         f"D = {item_vecs.shape[1]}")
+    if user_vecs.device != item_vecs.device:
+        raise ValueError(f"topm_dot: user_vecs ({user_vecs.device}) and item_vecs ({item_vecs.device}) "
+                         f"must be on one device")
+    if isinstance(M, bool) or not isinstance(M, int) or M < 1:
+        raise ValueError(f"topm_dot: M must be an integer >= 1, got {M!r}")
+    if isinstance(item_offset, bool) or not isinstance(item_offset, int) or item_offset < 0:
+        raise ValueError(f"topm_dot: item_offset must be an integer >= 0, got {item_offset!r}")
+    if item_offset + item_vecs.shape[0] > 2**63 - 1:
+        raise ValueError("topm_dot: item_offset + N must fit int64")
+    if (exclude_offsets is None) != (exclude_ids is None):
+        raise ValueError("topm_dot: exclude_offsets and exclude_ids must be given together")
+    if exclude_offsets is None:
+        return
+    B = user_vecs.shape[0]
+    for name, x in (("exclude_offsets", exclude_offsets), ("exclude_ids", exclude_ids)):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 1:
+            raise TypeError(f"topm_dot: {name} must be a 1-D int64 tensor")
+        if x.device != user_vecs.device:
+            raise ValueError(f"topm_dot: {name} ({x.device}) must be on the device of user_vecs "
+                             f"({user_vecs.device})")
+    if exclude_offsets.shape[0] != B + 1:
+        raise ValueError(f"topm_dot: exclude_offsets must have shape (B + 1,) = ({B + 1},), "
+                         f"got {tuple(exclude_offsets.shape)}")
+    nnz = exclude_ids.shape[0]
+    if int(exclude_offsets[0]) < 0 or int(exclude_offsets[-1]) > nnz:
+        raise ValueError(f"topm_dot: exclude_offsets must lie in [0, len(exclude_ids)] = [0, {nnz}], "
+                         f"got first {int(exclude_offsets[0])}, last {int(exclude_offsets[-1])}")
+    if bool((exclude_offsets[1:] < exclude_offsets[:-1]).any()):
+        raise ValueError("topm_dot: exclude_offsets must be non-decreasing")
+
+
+def topm_exclusion_pairs(B: int, N: int, exclude_offsets: Optional[Tensor], exclude_ids: Optional[Tensor],
+                         item_offset: int) -> Tuple[Tensor, Tensor]:
+    """The (row, local item) pairs of the in-shard excluded items, sorted by local item
+    (duplicates kept, ids outside [item_offset, item_offset + N) dropped): two int64 (n,)."""
+    if exclude_offsets is None:
+        e = torch.zeros(0, dtype=torch.int64)
+        return e, e
+    dev = exclude_ids.device
+    lo, hi = int(exclude_offsets[0]), int(exclude_offsets[-1])
+    counts = exclude_offsets[1:] - exclude_offsets[:-1]
+    rows = torch.repeat_interleave(torch.arange(B, device=dev), counts)
+    cols = exclude_ids[lo:hi] - item_offset
+    keep = (cols >= 0) & (cols < N)
+    rows, cols = rows[keep], cols[keep]
+    order = torch.argsort(cols, stable=True)
+    return rows[order], cols[order]
+
+
+def _rank_order(score: Tensor, ids: Tensor, ok: Tensor) -> Tensor:
+    """Column order of each row under the ranking order: eligible entries first, then larger
+    score, then smaller id (three stable sorts, the least significant key first)."""
+    o = torch.argsort(ids, dim=1, stable=True)
+    o = o.gather(1, torch.argsort(score.gather(1, o), dim=1, descending=True, stable=True))
+    return o.gather(1, torch.argsort(ok.gather(1, o).to(torch.int8), dim=1, descending=True, stable=True))
+
+
+def topm_dot(user_vecs: Tensor, item_vecs: Tensor, M: int, exclude_offsets: Optional[Tensor] = None,
+             exclude_ids: Optional[Tensor] = None, item_offset: int = 0, *, tile: Optional[int] = None
+             ) -> Tuple[Tensor, Tensor]:
+    """Each row's first M items under the ranking order of s[b, j] = user_vecs[b] . item_vecs[j]
+    (larger score first, ties to the smaller id, items excluded for the row never taken).
+
+    Returns ``(ids (B, M) int64, scores (B, M))``: global ids ``item_offset + j`` in ranking
+    order, scores in the compute dtype (float32 for float16 / bfloat16 / float32, float64 for
+    float64; -0.0 is returned as +0.0). A row with fewer than M eligible items ends with
+    id -1 and score -inf. The exclusion is CSR: row b excludes the global ids
+    ``exclude_ids[exclude_offsets[b]:exclude_offsets[b + 1]]`` (any order, duplicates allowed,
+    ids outside this shard ignored).
+
+    Tile by tile over the items (``tile``, default :data:`TOPM_TILE`): the tile's scores
+    ``U @ V[tile].T``, then the running list of M candidates is merged with the tile's items
+    that can still enter it, by a sort under the ranking order. An item of the tile can enter
+    only if its score is above the row's current M-th best score: every candidate has a
+    smaller id, so an equal score loses the tie. Memory O(B * (M + tile)); the (B, N) scores
+    are never made.
+    """
+    topm_check(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset)
+    tile = TOPM_TILE if tile is None else int(tile)
+    if tile < 1:
+        raise ValueError(f"topm_dot: tile must be >= 1, got {tile}")
+    B, N = user_vecs.shape[0], item_vecs.shape[0]
+    cd = _compute_dtype(user_vecs)
+    dev = user_vecs.device
+    u = user_vecs.to(cd)
+    # the running candidates of each row, in ranking order: local id, score, eligible
+    c_id = torch.full((B, M), N, dtype=torch.int64, device=dev)
+    c_sc = torch.full((B, M), float("-inf"), dtype=cd, device=dev)
+    c_ok = torch.zeros((B, M), dtype=torch.bool, device=dev)
+    ex_rows, ex_cols = topm_exclusion_pairs(B, N, exclude_offsets, exclude_ids, item_offset)
+    ex_rows, ex_cols = ex_rows.to(dev), ex_cols.to(dev)
+    for j0 in range(0, N, tile):
+        j1 = min(N, j0 + tile)
+        s = u @ item_vecs[j0:j1].to(cd).T + 0.0  # (B, T); + 0.0 turns -0.0 into +0.0
+        ok = torch.ones(s.shape, dtype=torch.bool, device=dev)
+        a, b = torch.searchsorted(ex_cols, torch.tensor([j0, j1], device=dev)).tolist()
+        ok[ex_rows[a:b], ex_cols[a:b] - j0] = False
+        # the tile's items that can still enter: all eligible ones while a row has fewer than
+        # M candidates, else those scoring above the M-th (NaN kept: the sort decides)
+        full = c_ok[:, M - 1:M]
+        thr = c_sc[:, M - 1:M]
+        enter = ok & (~full | ~(s <= thr))
+        n_enter = enter.sum(dim=1)
+        W = int(n_enter.max()) if B > 0 else 0
+        if W == 0:
+            continue
+        rr, cc = enter.nonzero(as_tuple=True)  # row-major: ascending item within a row
+        slot = (torch.cumsum(enter, dim=1) - 1)[rr, cc]
+        t_id = torch.full((B, W), N, dtype=torch.int64, device=dev)
+        t_sc = torch.full((B, W), float("-inf"), dtype=cd, device=dev)
+        t_ok = torch.zeros((B, W), dtype=torch.bool, device=dev)
+        t_id[rr, slot] = cc + j0
+        t_sc[rr, slot] = s[rr, cc]
+        t_ok[rr, slot] = True
+        a_id, a_sc, a_ok = torch.cat([c_id, t_id], 1), torch.cat([c_sc, t_sc], 1), torch.cat([c_ok, t_ok], 1)
+        o = _rank_order(a_sc, a_id, a_ok)[:, :M]
+        c_id, c_sc, c_ok = a_id.gather(1, o), a_sc.gather(1, o), a_ok.gather(1, o)
+    ids = torch.where(c_ok, c_id + item_offset, torch.full_like(c_id, -1))
+    scores = torch.where(c_ok, c_sc, torch.full_like(c_sc, float("-inf")))
+    return ids, scores
