@@ -35,7 +35,7 @@ def topm_dot(user_vecs: Tensor, item_vecs: Tensor, M: int, exclude_offsets: Opti
              exclude_ids: Optional[Tensor] = None, item_offset: int = 0, *, block_users: int = 0,
              tile_items: int = 0) -> Tuple[Tensor, Tensor]:
     """Each row's first M items of user_vecs @ item_vecs.T in ranking order (see the reference).
-    ``block_users`` / ``tile_items`` (0: the defaults, 256 and 512 float32 / 256 float64 items)
+    ``block_users`` / ``tile_items`` (0: the defaults, 128 users and 512 float32 / 256 float64 items)
     set the blocking; the result does not depend on them (given the scores as computed)."""
     reference.topm_check(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset)
     why = available(user_vecs.device.type)
