@@ -8,8 +8,8 @@
 // a per-thread buffer that stays in L2 (128 x 512 float32 = 256 KB), then one pass per
 // row compares them with the row's running threshold, the score of its M-th best item so
 // far: 16 scores are compared at once (SSE2, a bit mask) and only the set bits, the rare
-// survivors, go on one by one to the row's candidate buffer of CAP = 2M keys, which
-// is cut back to M by nth_element when full. A key is the order-preserving image of the
+// survivors, go on one by one to the row's candidate buffer of CAP = 3M keys, which
+// is cut back to M by a branchless quickselect when full. A key is the order-preserving image of the
 // score followed by the inverted item id (one integer comparison = the ranking order).
 // Items reach a row's buffer in ascending id, so an item whose score equals the threshold
 // has a larger id than the threshold item and loses: the test is a strict "above".
@@ -22,7 +22,8 @@
 // merges a row's segments. The GEMM calls are the same (same shapes, same operands,
 // 64-byte aligned output) whatever the number of threads, and a row's result is the
 // unique top-M of its keys, so the output does not depend on the number of threads.
-// The memory is O(B * M) for the results and candidates plus O(threads * UB * TN).
+// Memory besides the (B, M) outputs: per thread a UB x TN score block and UB x CAP keys;
+// with segments, B x M keys per segment; the sorted exclusion lists (O(nnz)).
 #include <torch/library.h>
 
 #include <ATen/Parallel.h>
@@ -106,10 +107,11 @@ template <typename S>
 struct RowState {
   using K = typename TopKey<S>::K;
   K* buf = nullptr;     // CAP keys
+  K* tmp = nullptr;     // CAP keys of scratch for the selection
   int64_t cnt = 0;      // keys in buf
   bool full = false;    // M keys were seen: thr_key is the M-th best key so far
   K thr_key = 0;
-  S thr = std::numeric_limits<S>::quiet_NaN();  // scores with !(x <= thr) are offered; NaN: all
+  S thr = std::numeric_limits<S>::quiet_NaN();  // once full: scores with !(x <= thr) are offered
   const int32_t* ex = nullptr;                  // the row's sorted excluded local ids not yet passed
   const int32_t* ex_end = nullptr;
 };
@@ -121,27 +123,73 @@ struct Plan {
   int64_t n_ub = 0, n_tiles = 0, n_seg = 1;
 };
 
-// An item survived the filter: drop it if excluded, else add its key; cut back to M when full.
+// True when local item j is excluded for the row (j ascending from call to call).
+template <typename S>
+inline bool excluded(RowState<S>& r, u32 j) {
+  while (r.ex != r.ex_end && *r.ex < static_cast<int32_t>(j)) ++r.ex;
+  return r.ex != r.ex_end && *r.ex == static_cast<int32_t>(j);
+}
+
+// Rearranges a[0, n) so that a[0, M) holds its M largest keys (in no order; keys are
+// unique, 1 <= M <= n) and returns the M-th largest. A quickselect whose partition has no
+// data-dependent branch (every key is written to both ends of tmp, the counters advance by
+// the comparison): std::nth_element's branches mispredict on random keys, and this
+// selection runs on every cut of the candidate buffers. tmp holds n keys.
+template <typename K>
+K select_top(K* a, int64_t n, int64_t M, K* tmp) {
+  int64_t lo = 0, hi = n, need = M;  // the `need` largest of a[lo, hi) are still to be placed at a[lo, ...)
+  while (hi - lo > 48) {
+    const int64_t len = hi - lo;
+    K s0 = a[lo], s1 = a[lo + len / 2], s2 = a[hi - 1];  // median of three
+    if (s0 > s1) std::swap(s0, s1);
+    if (s1 > s2) std::swap(s1, s2);
+    if (s0 > s1) std::swap(s0, s1);
+    const K p = s1;
+    int64_t ng = 0, nl = 0;
+    K* top = tmp + len;
+    for (int64_t i = lo; i < hi; ++i) {
+      const K v = a[i];
+      const bool ge = v >= p;
+      tmp[ng] = v;
+      top[-1 - nl] = v;
+      ng += ge;
+      nl += !ge;
+    }
+    // tmp[0, ng): the keys >= p (p among them); tmp[len - nl, len): the keys < p
+    std::copy(tmp, tmp + ng, a + lo);
+    if (ng >= need) {
+      hi = lo + ng;
+      if (ng == len) break;  // no key below the pivot (cannot happen with unique keys)
+    } else {
+      std::copy(tmp + len - nl, tmp + len, a + lo + ng);
+      lo += ng;
+      need -= ng;
+    }
+  }
+  std::nth_element(a + lo, a + lo + (need - 1), a + hi, std::greater<K>());
+  return a[lo + need - 1];  // every key left of lo is larger: the M-th largest
+}
+
+// Keep the M best of the row's cnt >= M keys; the M-th becomes the threshold.
+template <typename S>
+inline void cut(RowState<S>& r, int64_t M) {
+  using TK = TopKey<S>;
+  r.thr_key = select_top(r.buf, r.cnt, M, r.tmp);
+  r.cnt = M;
+  r.full = true;
+  r.thr = TK::score(r.thr_key);
+}
+
+// An item survived the filter of a full row: drop it if excluded, else add its key; cut
+// back to M when the buffer is full.
 template <typename S>
 inline void offer(RowState<S>& r, S v, u32 j, int64_t M, int64_t CAP) {
   using TK = TopKey<S>;
-  while (r.ex != r.ex_end && *r.ex < static_cast<int32_t>(j)) ++r.ex;
-  if (r.ex != r.ex_end && *r.ex == static_cast<int32_t>(j)) return;
+  if (excluded(r, j)) return;
   const typename TK::K k = TK::make(v, j);
-  if (r.full && !(k > r.thr_key)) return;  // a NaN score, or a bit of a mask made before a raise
+  if (!(k > r.thr_key)) return;  // a NaN score, or a bit of a mask made before a raise
   r.buf[r.cnt++] = k;
-  if (!r.full) {
-    if (r.cnt == M) {
-      r.thr_key = *std::min_element(r.buf, r.buf + M);
-      r.full = true;
-      r.thr = TK::score(r.thr_key);
-    }
-  } else if (r.cnt == CAP) {
-    std::nth_element(r.buf, r.buf + (M - 1), r.buf + CAP, std::greater<typename TK::K>());
-    r.thr_key = r.buf[M - 1];
-    r.cnt = M;
-    r.thr = TK::score(r.thr_key);
-  }
+  if (r.cnt == CAP) cut(r, M);
 }
 
 inline int lowest_bit(u32 m) {  // m != 0
@@ -188,11 +236,23 @@ inline u32 above_mask(const double* x, double thr) {
 // The scores x[0, tn) of one row for the local items j0 + [0, tn): groups of W scores are
 // tested against the threshold at once, and only the set bits of the mask are offered
 // (an offer may raise the threshold: the later bits of the group are then checked again
-// by offer's exact key test).
+// by offer's exact key test). A row with no threshold yet (fewer than M eligible items
+// seen) takes every eligible item without a test until its buffer is full or the tile
+// ends, then is cut back to its M best: one selection instead of M offers.
 template <typename S>
 void filter_row(const S* x, int64_t tn, u32 j0, RowState<S>& r, int64_t M, int64_t CAP) {
+  using TK = TopKey<S>;
   constexpr int64_t W = 64 / sizeof(S);  // 16 floats, 8 doubles
   int64_t j = 0;
+  if (!r.full) {
+    for (; j < tn && !r.full; ++j) {
+      const u32 id = j0 + static_cast<u32>(j);
+      if (excluded(r, id)) continue;
+      r.buf[r.cnt++] = TK::make(x[j], id);
+      if (r.cnt == CAP) cut(r, M);
+    }
+    if (!r.full && r.cnt >= M) cut(r, M);
+  }
   for (; j + W <= tn; j += W) {
     u32 m = above_mask(x + j, r.thr);
     while (m != 0) {
@@ -244,7 +304,7 @@ void run(const Tensor& U, const Tensor& V, const Plan& P, const std::vector<int6
   const auto opts = U.options();
   at::parallel_for(0, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tasks)), 1,
                    [&](int64_t, int64_t) {
-    std::vector<K> keys(static_cast<size_t>(P.UB * P.CAP));
+    std::vector<K> keys(static_cast<size_t>(P.UB * P.CAP)), tmp(static_cast<size_t>(P.CAP));
     std::vector<RowState<S>> rows(static_cast<size_t>(P.UB));
     Tensor blk = at::empty({P.UB * P.TN}, opts);  // 64-byte aligned, as every GEMM output
     S* bp = blk.data_ptr<S>();
@@ -257,6 +317,7 @@ void run(const Tensor& U, const Tensor& V, const Plan& P, const std::vector<int6
         RowState<S>& st = rows[r];
         st = RowState<S>();
         st.buf = keys.data() + r * P.CAP;
+        st.tmp = tmp.data();
         if (has_ex) {
           const int32_t* e0 = ex_ids.data() + ex_start[b0 + r];
           st.ex_end = ex_ids.data() + ex_start[b0 + r + 1];
@@ -273,7 +334,7 @@ void run(const Tensor& U, const Tensor& V, const Plan& P, const std::vector<int6
       for (int64_t r = 0; r < nb; ++r) {
         RowState<S>& st = rows[r];
         const int64_t n = std::min(st.cnt, M);
-        if (st.cnt > M) std::nth_element(st.buf, st.buf + (M - 1), st.buf + st.cnt, std::greater<K>());
+        if (st.cnt > M) select_top(st.buf, st.cnt, M, st.tmp);
         const int64_t b = b0 + r;
         if (P.n_seg == 1) {
           write_row<S>(st.buf, n, M_out, item_offset, ids + b * M_out, sc + b * M_out);
@@ -383,7 +444,9 @@ std::tuple<Tensor, Tensor> topm_dot(const Tensor& user_vecs, const Tensor& item_
   P.B = B;
   P.N = N;
   P.M = M_eff;
-  P.CAP = M_eff + std::max<int64_t>(M_eff, 64);
+  // the candidate buffer: 3M keys (the fastest of 2M .. 6M at B = 512, N = 25,181, M = 200: the
+  // threshold is raised at every cut, so a larger buffer means a staler threshold and more offers)
+  P.CAP = M_eff + std::max<int64_t>(2 * M_eff, 64);
   // the block of scores: 256 KB, a quarter of a 1 MB L2 (the fastest of 64..512 x 256..1024 measured
   // at B = 1024, D = 64, M = 200 on 2 Zen 5 cores)
   P.UB = std::min<int64_t>(B, block_users > 0 ? block_users : 128);
