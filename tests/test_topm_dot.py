@@ -120,6 +120,7 @@ CASES = [
     ("exclude_empty", 6, 80, 5, 10, "empty", 7, (-3, 3)),
     ("exclude_all_of_a_row", 4, 30, 3, 5, "row0_all", 3, (-3, 3)),
     ("n0", 3, 0, 4, 5, None, 0, (-3, 3)),
+    ("d0", 4, 30, 0, 6, "random", 0, (-3, 3)),
     ("b0", 0, 20, 4, 5, "empty", 0, (-3, 3)),
     ("d64", 20, 300, 64, 40, "random", 5, (-3, 3)),
 ]
@@ -311,6 +312,7 @@ def _bad_calls():
         ((U.int(), V.int(), 2), TypeError, "floating"),
         ((U, V, 0), ValueError, "M must be"),
         ((U, V, 2.0), ValueError, "M must be"),
+        ((U, V, True), ValueError, "M must be"),
         ((U, V, 2, None, None, -1), ValueError, "item_offset"),
         ((U, V, 2, offs, None), ValueError, "together"),
         ((U, V, 2, offs[:3], ids), ValueError, r"\(B \+ 1,\)"),

@@ -190,6 +190,18 @@ def fused_bwd(grad_rows: Tensor, s: Tensor, t: Tensor, idx: Tensor, q2_mask: Ten
 TOPM_TILE = 4096
 
 
+def _as_int(v) -> Optional[int]:
+    """v as a Python int when it is an integer (not a bool, not a float), else None."""
+    import operator
+
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def topm_check(user_vecs: Tensor, item_vecs: Tensor, M: int, exclude_offsets: Optional[Tensor],
                exclude_ids: Optional[Tensor], item_offset: int) -> None:
     """ValueError / TypeError for arguments topm_dot does not accept (every backend)."""
@@ -209,9 +221,9 @@ def topm_check(user_vecs: Tensor, item_vecs: Tensor, M: int, exclude_offsets: Op
     if user_vecs.device != item_vecs.device:
         raise ValueError(f"topm_dot: user_vecs ({user_vecs.device}) and item_vecs ({item_vecs.device}) "
                          f"must be on one device")
-    if isinstance(M, bool) or not isinstance(M, int) or M < 1:
+    if _as_int(M) is None or M < 1:
         raise ValueError(f"topm_dot: M must be an integer >= 1, got {M!r}")
-    if isinstance(item_offset, bool) or not isinstance(item_offset, int) or item_offset < 0:
+    if _as_int(item_offset) is None or item_offset < 0:
         raise ValueError(f"topm_dot: item_offset must be an integer >= 0, got {item_offset!r}")
     if item_offset + item_vecs.shape[0] > 2**63 - 1:
         raise ValueError("topm_dot: item_offset + N must fit int64")
@@ -284,6 +296,7 @@ def topm_dot(user_vecs: Tensor, item_vecs: Tensor, M: int, exclude_offsets: Opti
     are never made.
     """
     topm_check(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset)
+    M, item_offset = _as_int(M), _as_int(item_offset)
     tile = TOPM_TILE if tile is None else int(tile)
     if tile < 1:
         raise ValueError(f"topm_dot: tile must be >= 1, got {tile}")

@@ -255,6 +255,7 @@ def topm_dot(user_vecs: Tensor, item_vecs: Tensor, M: int, exclude_offsets: Opti
     (powers of two >= 16), ``splits``, ``cut_rows`` (rows cut back together) and ``merge_rows``
     (rows per merge program) override the launch configuration; the result does not depend on them."""
     reference.topm_check(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset)
+    M, item_offset = int(M), int(item_offset)
     if user_vecs.dtype not in DTYPES:
         return reference.topm_dot(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset)
     B, D = user_vecs.shape
