@@ -7,6 +7,7 @@ from .backends import available_backends
 from .backends import describe as describe_backends
 from .backends.native import build_info
 from .config import RCEKDConfig
+from .embedding import RCEKDEmbeddingLoss, csr_exclusion, rce_kd_loss_embeddings, select_embeddings, topm_dot
 from .functional import RCEKDFunction, Selection, rce_kd_loss, rce_kd_loss_gathered, select, select_from_pool
 from .gathered import gathered_dot
 from .modules import RCEKDLoss
@@ -17,6 +18,11 @@ __all__ = [
     "select_from_pool",
     "rce_kd_loss_gathered",
     "gathered_dot",
+    "topm_dot",
+    "csr_exclusion",
+    "select_embeddings",
+    "rce_kd_loss_embeddings",
+    "RCEKDEmbeddingLoss",
     "Selection",
     "RCEKDConfig",
     "RCEKDFunction",

@@ -57,6 +57,7 @@ import torch.distributed as dist
 
 from . import _checks
 from .config import MODES, REDUCTIONS, RCEKDConfig
+from .embedding import topm_dot
 from .functional import Selection, _gathered_config, _seed, rce_kd_loss_gathered, select_from_pool
 from .gathered import gathered_dot
 from .spec import compute_dtype, ranked_topk
@@ -461,43 +462,15 @@ def _dense_candidates(x: Tensor, k: int, exclude: Optional[Tensor], offset: int)
 
 
 def topm_matmul(user_vecs: Tensor, item_vecs: Tensor, k: int, exclude_offsets: Optional[Tensor] = None,
-                exclude_ids: Optional[Tensor] = None, item_offset: int = 0, *, chunk_elems: int = 1 << 24
-                ) -> Tuple[Tensor, Tensor]:
-    """The first ``k`` items of each row of ``user_vecs @ item_vecs.T`` in the spec's ranking order
-    (larger score first, ties to the smaller id), ids global (``item_offset + row of item_vecs``),
-    excluded items never taken; rows with fewer than ``k`` eligible items are padded with
-    (-inf, -1). Returns ``(values (B, k) in the compute dtype, ids (B, k) int64)``.
-
-    The exclusion is a CSR list of global ids per row: row b excludes
-    ``exclude_ids[exclude_offsets[b]:exclude_offsets[b + 1]]`` (ids outside this shard are
-    ignored). This is the plain implementation -- score chunks of users with a matmul, then
-    :func:`rcekd_kernels.spec.ranked_topk` -- of the ``local_topm`` argument of
-    :func:`sharded_select_embeddings`; a fused top-M kernel with this signature replaces it.
-    ``chunk_elems`` bounds the scores held at once (rows per chunk x items).
-    """
-    B, n = user_vecs.shape[0], item_vecs.shape[0]
-    dt = compute_dtype(user_vecs)
-    vals = torch.full((B, k), float("-inf"), dtype=dt, device=user_vecs.device)
-    ids = torch.full((B, k), -1, dtype=torch.int64, device=user_vecs.device)
-    kk = min(k, n)
-    if kk == 0 or B == 0:
-        return vals, ids
-    rows = max(1, chunk_elems // max(n, 1))
-    for b0 in range(0, B, rows):
-        b1 = min(B, b0 + rows)
-        s = user_vecs[b0:b1] @ item_vecs.T
-        excl = None
-        if exclude_offsets is not None and exclude_ids is not None:
-            excl = _csr_mask(exclude_offsets, exclude_ids, b0, b1, item_offset, n)
-        idx = ranked_topk(s, kk, excl)
-        v = s.gather(1, idx).to(dt)
-        gid = idx + item_offset
-        if excl is not None:
-            out = excl.gather(1, idx)
-            v = v.masked_fill(out, float("-inf"))
-            gid = gid.masked_fill(out, -1)
-        vals[b0:b1, :kk] = v
-        ids[b0:b1, :kk] = gid
+                exclude_ids: Optional[Tensor] = None, item_offset: int = 0, *, backend: Optional[str] = None,
+                chunk_elems: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """The default ``local_topm``: the first ``k`` items of each row of ``user_vecs @ item_vecs.T``
+    in the spec's ranking order, ids global, excluded items never taken, rows with fewer than
+    ``k`` eligible items padded with (-inf, -1), by :func:`rcekd_kernels.topm_dot` (tile by tile:
+    the shard's scores are never written out). Returns ``(values, ids)``, the order of
+    ``local_topm``'s results. ``chunk_elems`` is accepted for compatibility and ignored."""
+    ex = None if exclude_offsets is None or exclude_ids is None else (exclude_offsets, exclude_ids)
+    ids, vals = topm_dot(user_vecs, item_vecs, k, exclude=ex, item_offset=item_offset, backend=backend)
     return vals, ids
 
 

@@ -8,17 +8,19 @@ and CUDA kernels mirror these definitions in ``csrc/spec.h``.
 * :func:`ranked_topk` -- the spec's ranking order (larger score first, ties to the
   smaller item id, excluded items never taken);
 * :func:`pool_counts` -- the integer counts of the pool positions (both modes);
-* :func:`gamma_from_counts` -- the weight gamma of L2.
+* :func:`gamma_from_counts` -- the weight gamma of L2;
+* :func:`exclusion_pairs` -- a sparse (CSR) exclusion as the (row, item) pairs of one shard.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["OFFICIAL_CAP", "default_m", "compute_dtype", "ranked_topk", "pool_counts", "gamma_from_counts"]
+__all__ = ["OFFICIAL_CAP", "default_m", "compute_dtype", "ranked_topk", "pool_counts", "gamma_from_counts",
+           "exclusion_pairs"]
 
 #: ``mode="official"``: a pool item's count is capped at this value (the authors' code).
 OFFICIAL_CAP = 50
@@ -96,3 +98,22 @@ def gamma_from_counts(counts: Tensor, beta: float, K: int, mode: str) -> Tensor:
     ``counts`` (B, 2) = (|Q1|, |QT & A|)."""
     n = counts[:, 0 if mode == "paper" else 1].to(torch.float32)
     return torch.exp(-(beta * n) / K)
+
+
+def exclusion_pairs(B: int, N: int, exclude_offsets: Optional[Tensor], exclude_ids: Optional[Tensor],
+                    item_offset: int) -> Tuple[Tensor, Tensor]:
+    """The (row, local item) pairs of the in-shard excluded items of a CSR exclusion (row b
+    excludes the global ids ``exclude_ids[exclude_offsets[b]:exclude_offsets[b + 1]]``), sorted by
+    local item (duplicates kept, ids outside [item_offset, item_offset + N) dropped): two int64 (n,)."""
+    if exclude_offsets is None or exclude_ids is None:
+        e = torch.zeros(0, dtype=torch.int64)
+        return e, e
+    dev = exclude_ids.device
+    lo, hi = int(exclude_offsets[0]), int(exclude_offsets[-1])
+    counts = exclude_offsets[1:] - exclude_offsets[:-1]
+    rows = torch.repeat_interleave(torch.arange(B, device=dev), counts)
+    cols = exclude_ids[lo:hi] - item_offset
+    keep = (cols >= 0) & (cols < N)
+    rows, cols = rows[keep], cols[keep]
+    order = torch.argsort(cols, stable=True)
+    return rows[order], cols[order]
