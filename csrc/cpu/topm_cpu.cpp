@@ -46,7 +46,7 @@
 #include <emmintrin.h>
 #endif
 
-#include "../checks.h"
+#include "../binding.h"
 
 namespace rcekd {
 namespace cpu {
