@@ -161,7 +161,7 @@ class _Native:
     def fused_bwd(self, grad_rows, s, t, idx, q2_mask, gamma, cfg):
         return _lib().fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, *_flatten(cfg), 0)
 
-    def _topm_dot(self, u, v, M, exclude_offsets, exclude_ids, item_offset, *, block_users: int = 0,
+    def _topm_dot(self, u, v, M, exclude_offsets=None, exclude_ids=None, item_offset=0, *, block_users: int = 0,
                   tile_items: int = 0):
         """``torch.ops.rcekd_C.topm_dot`` (csrc/cpu/topm_cpu.cpp): float32 / float64; float16 and
         bfloat16 vectors are widened to float32 (the compute dtype) first. ``block_users`` /
