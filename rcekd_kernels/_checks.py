@@ -14,6 +14,8 @@ can turn them off.
 from __future__ import annotations
 
 import math
+import operator
+from typing import Optional
 
 import torch
 
@@ -126,19 +128,26 @@ def check_dense(s, t, teacher_topk, exclude, row_ids, cfg: RCEKDConfig, *, valid
             raise ValueError(f"exclude leaves {bad} items in row {row}, fewer than M = {M}; every row "
                              f"needs at least M non-excluded items")
     if teacher_topk is not None:
-        lo, hi = int(teacher_topk.min()), int(teacher_topk.max())
-        if lo < 0 or hi >= N:
-            raise ValueError(f"teacher_topk ids must lie in [0, N) = [0, {N}), got min {lo}, max {hi}")
-        srt = torch.sort(teacher_topk, dim=1).values
-        dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
-        if bool(dup.any()):
-            row = int(dup.nonzero()[0, 0])
-            raise ValueError(f"teacher_topk has a repeated id in row {row}; ids must be unique per row")
+        check_topk_ids(teacher_topk, N)
         if exclude is not None:
             hit = exclude.gather(1, teacher_topk).any(dim=1)
             if bool(hit.any()):
                 row = int(hit.nonzero()[0, 0])
                 raise ValueError(f"teacher_topk holds an id that exclude marks in row {row}")
+
+
+def check_topk_ids(teacher_topk: torch.Tensor, N: int) -> None:
+    """The data of given teacher top-K ids (B, K): in [0, N), unique per row (one pass, a synchronisation)."""
+    if teacher_topk.numel() == 0:
+        return
+    lo, hi = int(teacher_topk.min()), int(teacher_topk.max())
+    if lo < 0 or hi >= N:
+        raise ValueError(f"teacher_topk ids must lie in [0, N) = [0, {N}), got min {lo}, max {hi}")
+    srt = torch.sort(teacher_topk, dim=1).values
+    dup = (srt[:, 1:] == srt[:, :-1]).any(dim=1)
+    if bool(dup.any()):
+        row = int(dup.nonzero()[0, 0])
+        raise ValueError(f"teacher_topk has a repeated id in row {row}; ids must be unique per row")
 
 
 def check_pool(pool, qt, row_ids, cfg: RCEKDConfig, *, validate: bool) -> None:
@@ -234,6 +243,62 @@ def check_fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, cfg: RCEKDConfig) -> N
     for name, x in (("teacher_scores", t), ("idx", idx), ("q2_mask", q2_mask), ("gamma", gamma)):
         _check_device(name, x, s.device)
     _check_grad_rows(grad_rows, B, s.device)
+
+
+def _as_int(v) -> Optional[int]:
+    """v as a Python int when it is an integer (not a bool, not a float), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
+def check_topm(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset) -> None:
+    """ValueError / TypeError for arguments topm_dot does not accept (every backend)."""
+    for name, x in (("user_vecs", user_vecs), ("item_vecs", item_vecs)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"topm_dot: {name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"topm_dot: {name} must be 2-D, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"topm_dot: {name} must have a floating dtype, got {x.dtype}")
+    if user_vecs.dtype != item_vecs.dtype:
+        raise TypeError(f"topm_dot: user_vecs ({user_vecs.dtype}) and item_vecs ({item_vecs.dtype}) "
+                        f"must have one dtype")
+    if user_vecs.shape[1] != item_vecs.shape[1]:
+        raise ValueError(f"topm_dot: user_vecs has D = {user_vecs.shape[1]} but item_vecs has "
+                         f"D = {item_vecs.shape[1]}")
+    if user_vecs.device != item_vecs.device:
+        raise ValueError(f"topm_dot: user_vecs ({user_vecs.device}) and item_vecs ({item_vecs.device}) "
+                         f"must be on one device")
+    if _as_int(M) is None or M < 1:
+        raise ValueError(f"topm_dot: M must be an integer >= 1, got {M!r}")
+    if _as_int(item_offset) is None or item_offset < 0:
+        raise ValueError(f"topm_dot: item_offset must be an integer >= 0, got {item_offset!r}")
+    if item_offset + item_vecs.shape[0] > 2**63 - 1:
+        raise ValueError("topm_dot: item_offset + N must fit int64")
+    if (exclude_offsets is None) != (exclude_ids is None):
+        raise ValueError("topm_dot: exclude_offsets and exclude_ids must be given together")
+    if exclude_offsets is None:
+        return
+    B = user_vecs.shape[0]
+    for name, x in (("exclude_offsets", exclude_offsets), ("exclude_ids", exclude_ids)):
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 1:
+            raise TypeError(f"topm_dot: {name} must be a 1-D int64 tensor")
+        if x.device != user_vecs.device:
+            raise ValueError(f"topm_dot: {name} ({x.device}) must be on the device of user_vecs "
+                             f"({user_vecs.device})")
+    if exclude_offsets.shape[0] != B + 1:
+        raise ValueError(f"topm_dot: exclude_offsets must have shape (B + 1,) = ({B + 1},), "
+                         f"got {tuple(exclude_offsets.shape)}")
+    nnz = exclude_ids.shape[0]
+    if int(exclude_offsets[0]) < 0 or int(exclude_offsets[-1]) > nnz:
+        raise ValueError(f"topm_dot: exclude_offsets must lie in [0, len(exclude_ids)] = [0, {nnz}], "
+                         f"got first {int(exclude_offsets[0])}, last {int(exclude_offsets[-1])}")
+    if bool((exclude_offsets[1:] < exclude_offsets[:-1]).any()):
+        raise ValueError("topm_dot: exclude_offsets must be non-decreasing")
 
 
 def check_gathered_dot(user_vecs, item_vecs, idx, *, validate: bool, grad=None) -> None:

@@ -8,6 +8,7 @@ Seven ops, the ops of :mod:`rcekd_kernels.backends.base`::
     rcekd::subset_ce_bwd
     rcekd::fused_fwd         (dense rows) -> loss rows, stats, sets     autograd -> fused_bwd
     rcekd::fused_bwd
+    rcekd::topm_dot          (user vecs, item vecs) -> top-M ids, scores  no gradient
     rcekd::gathered_dot      (user vecs, item vecs, ids) -> scores      autograd -> gathered_dot_bwd
     rcekd::gathered_dot_bwd
 
@@ -40,7 +41,7 @@ from .spec import compute_dtype
 Tensor = torch.Tensor
 
 __all__ = ["HPARAMS", "flatten", "unflatten", "N_STATS", "select", "sets_from_pool", "subset_ce_fwd", "subset_ce_bwd",
-           "fused_fwd", "fused_bwd", "gathered_dot", "gathered_dot_bwd", "save_fused", "fused_grad"]
+           "fused_fwd", "fused_bwd", "topm_dot", "gathered_dot", "gathered_dot_bwd", "save_fused", "fused_grad"]
 
 #: The one table of the hyperparameters in the ops' schemas: (field of RCEKDConfig, schema type),
 #: in schema order. ``reduction`` is not here: the ops return one loss per row.
@@ -273,6 +274,27 @@ def _fused_backward(ctx, grad_loss, *_unused):
 
 
 fused_fwd.register_autograd(_fused_backward, setup_context=_fused_setup)
+
+
+# --------------------------------------------------------------------- topm_dot
+def _topm_empty(u: Tensor, M: int) -> Tuple[Tensor, Tensor]:
+    B = u.shape[0]
+    return u.new_empty((B, M), dtype=torch.int64), u.new_empty((B, M), dtype=compute_dtype(u))
+
+
+def _topm_impl(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset, backend):
+    _checks.check_topm(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset)
+    call = Call("topm_dot", user_vecs.device.type, (user_vecs.dtype,), None, item_vecs.shape[0], M)
+    return resolve(backend, call).topm_dot(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset)
+
+
+def _topm_fake(user_vecs, item_vecs, M, exclude_offsets, exclude_ids, item_offset, backend):
+    return _topm_empty(user_vecs, M)
+
+
+topm_dot = _define(
+    "topm_dot", "(Tensor user_vecs, Tensor item_vecs, int M, Tensor? exclude_offsets, Tensor? exclude_ids, "
+    "int item_offset, str backend) -> (Tensor, Tensor)", _topm_impl, _topm_fake)
 
 
 # --------------------------------------------------------------------- gathered_dot

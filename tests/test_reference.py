@@ -215,6 +215,33 @@ def test_official_equals_authors_get_loss(seed):
     torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("case", ["integers", "all_equal", "signed_zeros", "excluded", "k_is_n", "continuous"])
+def test_ranked_topk_is_a_sort_by_score_then_index(case):
+    """spec.ranked_topk against Python's sort by (-score, index), excluded items never taken: rows
+    whose ties straddle the k-th place (repaired in index order) and rows where topk's set is forced."""
+    g = torch.Generator().manual_seed(12)
+    B, N, k = 9, 37, 8
+    x = torch.randint(-2, 3, (B, N), generator=g).float()
+    exclude = None
+    if case == "all_equal":
+        x[:4] = 1.0
+    elif case == "signed_zeros":
+        x = torch.where(torch.rand(B, N, generator=g) < 0.5, torch.tensor(-0.0), torch.tensor(0.0))
+        x[:, :3] = torch.tensor([1.0, -1.0, 0.5])
+    elif case == "excluded":
+        exclude = torch.rand(B, N, generator=g) < 0.5
+    elif case == "k_is_n":
+        k = N
+    elif case == "continuous":
+        x = torch.randn(B, N, generator=g, dtype=torch.float64)
+    got = spec.ranked_topk(x, k, exclude)
+    for b in range(B):
+        ok = [j for j in range(N) if exclude is None or not exclude[b, j]]
+        rest = [j for j in range(N) if j not in ok]  # excluded items rank below all, by index
+        want = (sorted(ok, key=lambda j: (-float(x[b, j]), j)) + rest)[:k]
+        assert got[b].tolist() == want, (case, b)
+
+
 def test_official_counts_equal_authors_weight_matrix():
     """The authors' counts: +1 at pool positions of teacher items, reversed cumsum, min 50."""
     g = torch.Generator().manual_seed(5)

@@ -28,7 +28,7 @@ import torch
 from .base import OPS, Backend, Call, implements
 
 __all__ = ["Call", "Backend", "OPS", "AUTO_ORDER", "ENV_VAR", "names", "available_backends", "describe",
-           "requested", "resolve", "unsupported_reason", "get"]
+           "requested", "resolve", "unsupported_reason", "get", "for_op"]
 
 # name -> (module, attribute inside it or None, what it is)
 _REGISTRY: Dict[str, Tuple[str, Optional[str], str]] = {
@@ -127,6 +127,15 @@ def requested(backend: Optional[str], op: Optional[str] = None) -> str:
     if backend != "auto" and backend not in _REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {list(_REGISTRY)}, got {backend!r}")
     return backend
+
+
+def for_op(backend: Optional[str], op: str) -> Optional[str]:
+    """For a function that runs several ops: ``backend`` for the ops it implements, ``None``
+    (the default choice) for the others (e.g. ``gathered_dot`` under ``backend="triton"``)."""
+    if backend is None or backend == "auto" or backend not in _REGISTRY:
+        return backend
+    obj = _load(backend)
+    return backend if obj is None or implements(obj, op) else None
 
 
 def resolve(backend: str, call: Call) -> Any:

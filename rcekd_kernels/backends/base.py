@@ -18,6 +18,7 @@ The ops' outputs (B = rows, W = 2K + L gathered columns [QS | A | QT]):
 ``gathered_dot``          ``out[b, w] = <u[b], v[idx[b, w]]>`` (B, W)
 ``gathered_dot_bwd``      (grad of u (B, D), grad of v (N, D))
 ``sets_from_pool``        as ``select``, from the pool (B, M) in student order and QT (B, K)
+``topm_dot``              each row's first M items of u @ v.T: ids (B, M) int64, scores (B, M)
 ========================  ==========================================================
 
 ``counts`` = (|Q1|, |QT & A|); ``stats`` = (L1, L2, gamma, |Q1|, |QT & A|); the compute
@@ -38,7 +39,7 @@ Tensor = torch.Tensor
 LOSS_OPS = ("select", "subset_ce_fwd", "subset_ce_bwd", "fused_fwd", "fused_bwd")
 #: Ops a backend may implement besides: the scores of given items from vectors, and the sets
 #: from a given pool (the rankings done elsewhere: from embeddings, across processes).
-EXTRA_OPS = ("gathered_dot", "gathered_dot_bwd", "sets_from_pool")
+EXTRA_OPS = ("gathered_dot", "gathered_dot_bwd", "sets_from_pool", "topm_dot")
 OPS = LOSS_OPS + EXTRA_OPS
 
 
@@ -49,7 +50,7 @@ class Call:
     ``dtypes`` are the dtypes of the score tensors the op reads (student first; the
     vectors for ``gathered_dot``); ``N`` the catalogue size (items) of the dense ops and
     of ``gathered_dot`` (0 for the gathered loss); ``config`` the hyperparameters (None
-    for ``gathered_dot``).
+    for ``gathered_dot`` and ``topm_dot``); ``M`` the length of ``topm_dot``'s lists.
     """
 
     op: str
@@ -57,6 +58,7 @@ class Call:
     dtypes: Tuple[torch.dtype, ...]
     config: Optional[RCEKDConfig] = None
     N: int = 0
+    M: int = 0
 
     @property
     def dtype(self) -> torch.dtype:

@@ -110,9 +110,10 @@ class _Native:
         self.NAME = name
         self.DESCRIPTION = description
         self.device_type = device_type
-        if device_type == "cpu":  # the scores of given items from vectors: a CPU kernel only
+        if device_type == "cpu":  # from vectors (gathered scores, top-M): CPU kernels only
             self.gathered_dot = self._gathered_dot
             self.gathered_dot_bwd = self._gathered_dot_bwd
+            self.topm_dot = self._topm_dot
 
     def available(self, dev: str) -> Optional[str]:
         if _ops is None:
@@ -127,6 +128,10 @@ class _Native:
         return None
 
     def supports(self, call) -> Optional[str]:
+        if call.op == "topm_dot":
+            if not hasattr(_ops, "topm_dot"):
+                return "the compiled extension has no topm_dot (rebuild it)"
+            return None  # float16 / bfloat16 vectors are widened to float32 first
         if call.op.startswith("gathered_dot"):
             if not hasattr(_ops, "gathered_dot"):
                 return "the compiled extension has no gathered_dot (rebuild it)"
@@ -155,6 +160,18 @@ class _Native:
 
     def fused_bwd(self, grad_rows, s, t, idx, q2_mask, gamma, cfg):
         return _lib().fused_bwd(grad_rows, s, t, idx, q2_mask, gamma, *_flatten(cfg), 0)
+
+    def _topm_dot(self, u, v, M, exclude_offsets=None, exclude_ids=None, item_offset=0, *, block_users: int = 0,
+                  tile_items: int = 0):
+        """``torch.ops.rcekd_C.topm_dot`` (csrc/cpu/topm_cpu.cpp): float32 / float64; float16 and
+        bfloat16 vectors are widened to float32 (the compute dtype) first. ``block_users`` /
+        ``tile_items`` (0: 128 users, 512 float32 / 256 float64 items) set the blocking; the result
+        does not depend on them."""
+        if u.dtype in (torch.float16, torch.bfloat16):
+            u, v = u.float(), v.float()
+        ids, scores = _lib().topm_dot(u, v, int(M), exclude_offsets, exclude_ids, int(item_offset),
+                                      int(block_users), int(tile_items))
+        return ids, scores
 
     def _gathered_dot(self, u, v, idx):
         return _lib().gathered_dot(u, v, idx)

@@ -25,7 +25,7 @@ import torch
 
 from .. import rng
 from ..config import RCEKDConfig
-from ..spec import compute_dtype, gamma_from_counts, pool_counts, ranked_topk
+from ..spec import compute_dtype, exclusion_pairs, gamma_from_counts, pool_counts, ranked_topk
 from .base import Call
 
 Tensor = torch.Tensor
@@ -169,3 +169,84 @@ def gathered_dot_bwd(g: Tensor, u: Tensor, v: Tensor, idx: Tensor) -> Tuple[Tens
     contrib = (g.unsqueeze(-1) * u.unsqueeze(1)).reshape(B * W, u.shape[1])
     gv = torch.zeros_like(v).index_add_(0, idx.reshape(-1), contrib)
     return gu, gv
+
+
+# ----------------------------------------------------------------------------- topm_dot
+# Streaming top-M of a matrix product (the op rcekd::topm_dot; docs/TOPM_DOT.md). The arguments
+# are checked by rcekd_kernels._checks.check_topm before any backend runs.
+
+#: Items per tile of the reference's topm_dot (its memory is O(B * (M + TOPM_TILE))).
+TOPM_TILE = 4096
+
+
+def _rank_order(score: Tensor, ids: Tensor, ok: Tensor) -> Tensor:
+    """Column order of each row under the ranking order: eligible entries first, then larger
+    score, then smaller id (three stable sorts, the least significant key first)."""
+    o = torch.argsort(ids, dim=1, stable=True)
+    o = o.gather(1, torch.argsort(score.gather(1, o), dim=1, descending=True, stable=True))
+    return o.gather(1, torch.argsort(ok.gather(1, o).to(torch.int8), dim=1, descending=True, stable=True))
+
+
+def topm_dot(user_vecs: Tensor, item_vecs: Tensor, M: int, exclude_offsets: Optional[Tensor] = None,
+             exclude_ids: Optional[Tensor] = None, item_offset: int = 0, *, tile: Optional[int] = None
+             ) -> Tuple[Tensor, Tensor]:
+    """Each row's first M items under the ranking order of s[b, j] = user_vecs[b] . item_vecs[j]
+    (larger score first, ties to the smaller id, items excluded for the row never taken).
+
+    Returns ``(ids (B, M) int64, scores (B, M))``: global ids ``item_offset + j`` in ranking
+    order, scores in the compute dtype (float32 for float16 / bfloat16 / float32, float64 for
+    float64; -0.0 is returned as +0.0). A row with fewer than M eligible items ends with
+    id -1 and score -inf. The exclusion is CSR: row b excludes the global ids
+    ``exclude_ids[exclude_offsets[b]:exclude_offsets[b + 1]]`` (any order, duplicates allowed,
+    ids outside this shard ignored).
+
+    Tile by tile over the items (``tile``, default :data:`TOPM_TILE`): the tile's scores
+    ``U @ V[tile].T``, then the running list of M candidates is merged with the tile's items
+    that can still enter it, by a sort under the ranking order. An item of the tile can enter
+    only if its score is above the row's current M-th best score: every candidate has a
+    smaller id, so an equal score loses the tie. Memory O(B * (M + tile)); the (B, N) scores
+    are never made.
+    """
+    M, item_offset = int(M), int(item_offset)
+    tile = TOPM_TILE if tile is None else int(tile)
+    if tile < 1:
+        raise ValueError(f"topm_dot: tile must be >= 1, got {tile}")
+    B, N = user_vecs.shape[0], item_vecs.shape[0]
+    cd = compute_dtype(user_vecs)
+    dev = user_vecs.device
+    u = user_vecs.to(cd)
+    # the running candidates of each row, in ranking order: local id, score, eligible
+    c_id = torch.full((B, M), N, dtype=torch.int64, device=dev)
+    c_sc = torch.full((B, M), float("-inf"), dtype=cd, device=dev)
+    c_ok = torch.zeros((B, M), dtype=torch.bool, device=dev)
+    ex_rows, ex_cols = exclusion_pairs(B, N, exclude_offsets, exclude_ids, item_offset)
+    ex_rows, ex_cols = ex_rows.to(dev), ex_cols.to(dev)
+    for j0 in range(0, N, tile):
+        j1 = min(N, j0 + tile)
+        s = u @ item_vecs[j0:j1].to(cd).T + 0.0  # (B, T); + 0.0 turns -0.0 into +0.0
+        ok = torch.ones(s.shape, dtype=torch.bool, device=dev)
+        a, b = torch.searchsorted(ex_cols, torch.tensor([j0, j1], device=dev)).tolist()
+        ok[ex_rows[a:b], ex_cols[a:b] - j0] = False
+        # the tile's items that can still enter: all eligible ones while a row has fewer than
+        # M candidates, else those scoring above the M-th (NaN kept: the sort decides)
+        full = c_ok[:, M - 1:M]
+        thr = c_sc[:, M - 1:M]
+        enter = ok & (~full | ~(s <= thr))
+        n_enter = enter.sum(dim=1)
+        W = int(n_enter.max()) if B > 0 else 0
+        if W == 0:
+            continue
+        rr, cc = enter.nonzero(as_tuple=True)  # row-major: ascending item within a row
+        slot = (torch.cumsum(enter, dim=1) - 1)[rr, cc]
+        t_id = torch.full((B, W), N, dtype=torch.int64, device=dev)
+        t_sc = torch.full((B, W), float("-inf"), dtype=cd, device=dev)
+        t_ok = torch.zeros((B, W), dtype=torch.bool, device=dev)
+        t_id[rr, slot] = cc + j0
+        t_sc[rr, slot] = s[rr, cc]
+        t_ok[rr, slot] = True
+        a_id, a_sc, a_ok = torch.cat([c_id, t_id], 1), torch.cat([c_sc, t_sc], 1), torch.cat([c_ok, t_ok], 1)
+        o = _rank_order(a_sc, a_id, a_ok)[:, :M]
+        c_id, c_sc, c_ok = a_id.gather(1, o), a_sc.gather(1, o), a_ok.gather(1, o)
+    ids = torch.where(c_ok, c_id + item_offset, torch.full_like(c_id, -1))
+    scores = torch.where(c_ok, c_sc, torch.full_like(c_sc, float("-inf")))
+    return ids, scores

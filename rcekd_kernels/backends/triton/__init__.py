@@ -31,6 +31,14 @@ MAX_N = (1 << 32) - 2
 
 def supports(call) -> Optional[str]:
     """None when the kernels run this call; else the reason (dtype, sizes)."""
+    if call.op == "topm_dot":
+        if str(call.dtype).replace("torch.", "") not in DTYPES:
+            return f"its topm_dot reads float32, bfloat16 and float16 vectors, got {call.dtype}"
+        if min(call.M, call.N) > MAX_KM:
+            return f"its topm_dot keeps at most {MAX_KM} items per row, got min(M, N) = {min(call.M, call.N)}"
+        if call.N >= 2**31:
+            return f"its topm_dot supports N < 2**31 items, got N = {call.N}"
+        return None
     bad = [d for d in call.dtypes if str(d).replace("torch.", "") not in DTYPES]
     if bad:
         return f"its kernels read float32, bfloat16 and float16 scores, got {bad[0]}"
@@ -52,6 +60,7 @@ try:
     from .fused import fused_bwd, fused_fwd
     from .selection import select
     from .subset_ce import subset_ce_bwd, subset_ce_fwd
+    from .topm import topm_dot
 
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as e:  # triton not installed: the registry reports why
@@ -60,10 +69,10 @@ except ImportError as e:  # triton not installed: the registry reports why
     def _missing(*args, **kwargs):
         raise RuntimeError(f"the triton backend is not available: {_IMPORT_ERROR}")
 
-    select = subset_ce_fwd = subset_ce_bwd = fused_fwd = fused_bwd = _missing
+    select = subset_ce_fwd = subset_ce_bwd = fused_fwd = fused_bwd = topm_dot = _missing
 
 __all__ = ["NAME", "DESCRIPTION", "available", "supports", "select", "subset_ce_fwd", "subset_ce_bwd",
-           "fused_fwd", "fused_bwd"]
+           "fused_fwd", "fused_bwd", "topm_dot"]
 
 
 def available(device_type: str) -> Optional[str]:
