@@ -46,14 +46,15 @@ sys.path.insert(0, os.path.join(ROOT, "python"))
 
 from rcekd_train import config as C  # noqa: E402
 from rcekd_train.data import load_dataset  # noqa: E402
-from rcekd_train.kd import FrozenTeacher, build_kd, topk_from_vectors  # noqa: E402
+from rcekd_train.kd import FrozenTeacher, KDMethod, build_kd, topk_from_vectors  # noqa: E402
 from rcekd_train.kd import rcekd as kd_rcekd  # noqa: E402
 from rcekd_train.models import build_model  # noqa: E402
 
 from bench_loss import commit, device_name  # noqa: E402
 
-FIELDS = ["dataset", "model", "protocol", "backend", "steps_per_epoch", "step_ms", "base_ms", "teacher_ms",
-          "kd_ms", "gather_ms", "backward_opt_ms", "prep_s", "refresh_s", "epoch_s", "ratio_vs_student", "peak_mb",
+FIELDS = ["dataset", "model", "protocol", "scoring", "backend", "steps_per_epoch", "step_ms", "base_ms",
+          "teacher_ms", "select_ms", "kd_ms", "gather_ms", "backward_opt_ms", "prep_s", "refresh_s", "product_s",
+          "refresh_vs_product", "epoch_s", "ratio_vs_student", "peak_mb",
           "batch_size", "K",
           "M", "L", "device", "threads", "torch", "commit", "date"]
 
@@ -119,7 +120,23 @@ def settings(dataset, model):
     return student, teacher, kd, lam, batch
 
 
-def run_case(data, dev, model_name, protocol, backend, teacher, a):
+@torch.no_grad()
+def product_time(model, dev, chunk: int = 1024) -> float:
+    """Seconds of the matrix product alone over all users (``user_vecs @ item_vecs.T`` in chunks of users,
+    each chunk's scores thrown away): the floor of the per-epoch refresh. Median of 3."""
+    uv, iv = KDMethod.student_vectors(model)
+    times = []
+    for _ in range(3):
+        sync(dev)
+        t0 = time.perf_counter()
+        for s in range(0, uv.shape[0], chunk):
+            uv[s:s + chunk] @ iv.T
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_case(data, dev, model_name, protocol, backend, teacher, a, scoring="embeddings"):
     student_hp, _, kd_hp, lam, batch_size = settings(a.dataset, model_name)
     if a.batch_size:
         batch_size = a.batch_size
@@ -130,12 +147,14 @@ def run_case(data, dev, model_name, protocol, backend, teacher, a):
     clock = Clock(dev, on=False)
     if protocol != "none":
         kd = build_kd("rcekd", teacher, data, 0, refresh=protocol, backend=None if backend == "auto" else backend,
-                      validate=False, mode=a.mode, **kd_hp)
+                      validate=False, mode=a.mode, scoring=scoring, **kd_hp)
         # time the teacher scoring and the loss calls through wrappers
         teacher.score_rows = clock.wrap("teacher", FrozenTeacher.score_rows.__get__(teacher))
         teacher.score_items = clock.wrap("teacher", FrozenTeacher.score_items.__get__(teacher))
         kd_rcekd.rce_kd_loss = clock.wrap("kd", _orig["rce_kd_loss"])
         kd_rcekd.rce_kd_loss_gathered = clock.wrap("kd", _orig["rce_kd_loss_gathered"])
+        kd_rcekd.select = clock.wrap("select", _orig["select"])
+        kd_rcekd.select_embeddings = clock.wrap("select", _orig["select_embeddings"])
     gen = torch.Generator().manual_seed(0)
     # the epoch's batch preparation (negative sampling, shuffling, the move to the device), the same
     # with and without distillation: median of 3
@@ -160,7 +179,9 @@ def run_case(data, dev, model_name, protocol, backend, teacher, a):
             return next(batches)
 
     # the per-epoch refresh (once warm, once timed)
-    refresh = 0.0
+    refresh = product = 0.0
+    if kd is not None and protocol == "epoch":
+        product = product_time(model, dev)
     if kd is not None:
         kd.on_epoch_start(model, 0)
         sync(dev)
@@ -219,27 +240,32 @@ def run_case(data, dev, model_name, protocol, backend, teacher, a):
     clock.on = False
     n = a.steps
     step_ms = statistics.median(times) * 1e3
-    row = dict(dataset=a.dataset, model=model_name, protocol=protocol, backend=backend if kd else "-",
+    row = dict(dataset=a.dataset, model=model_name, protocol=protocol, scoring=scoring if kd else "-",
+               backend=backend if kd else "-",
                steps_per_epoch=steps_per_epoch, step_ms=round(step_ms, 3),
                base_ms=round(parts.get("base", 0.0) / n * 1e3, 3),
                teacher_ms=round(clock.t.get("teacher", 0.0) / n * 1e3, 3),
+               select_ms=round(clock.t.get("select", 0.0) / n * 1e3, 3),
                kd_ms=round(clock.t.get("kd", 0.0) / n * 1e3, 3),
                # the rest of the KD part of a step: the student's scores at the selected items
                # (gathered_dot), the indexing of the epoch's sets, the reduction
                gather_ms=round(max(0.0, parts.get("kd_step", 0.0) - clock.t.get("kd", 0.0)
-                                   - clock.t.get("teacher", 0.0)) / n * 1e3, 3),
+                                   - clock.t.get("teacher", 0.0) - clock.t.get("select", 0.0)) / n * 1e3, 3),
                backward_opt_ms=round(parts.get("backward+opt", 0.0) / n * 1e3, 3),
-               prep_s=round(prep, 3), refresh_s=round(refresh, 3),
+               prep_s=round(prep, 3), refresh_s=round(refresh, 3), product_s=round(product, 3),
+               refresh_vs_product=round(refresh / product, 3) if product else "",
                epoch_s=round(prep + refresh + steps_per_epoch * step_ms / 1e3, 3),
                peak_mb=round(peak, 1), batch_size=batch_size, K=kd_hp.get("K"), M=kd_hp.get("M"),
                L=kd_hp.get("L"))
     if kd is not None:
         del teacher.score_rows, teacher.score_items
-        kd_rcekd.rce_kd_loss, kd_rcekd.rce_kd_loss_gathered = _orig["rce_kd_loss"], _orig["rce_kd_loss_gathered"]
+        for name, fn in _orig.items():
+            setattr(kd_rcekd, name, fn)
     return row
 
 
-_orig = {"rce_kd_loss": kd_rcekd.rce_kd_loss, "rce_kd_loss_gathered": kd_rcekd.rce_kd_loss_gathered}
+_orig = {name: getattr(kd_rcekd, name) for name in ("rce_kd_loss", "rce_kd_loss_gathered", "select",
+                                                    "select_embeddings")}
 
 
 def main(argv=None):
@@ -250,6 +276,9 @@ def main(argv=None):
     p.add_argument("--protocols", nargs="+", default=["none", "epoch", "batch"], choices=["none", "epoch", "batch"])
     p.add_argument("--backends", nargs="+", default=["auto"], help="loss backends for the KD runs")
     p.add_argument("--mode", default="official", choices=["paper", "official"])
+    p.add_argument("--scorings", nargs="+", default=["dense", "embeddings"], choices=["dense", "embeddings"],
+                   help="how RCE-KD scores: the full (B, N) rows (dense, the path before) or the loss from "
+                        "embeddings (top-M by topm_dot, the 2K + L items only)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per case")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=None, help="default: the dataset's config")
@@ -262,6 +291,11 @@ def main(argv=None):
                 commit=commit(), date=_dt.date.today().isoformat())
     os.makedirs(os.path.dirname(os.path.abspath(a.csv)), exist_ok=True)
     new = not os.path.exists(a.csv)
+    if not new:
+        with open(a.csv) as f:
+            header = f.readline().strip().split(",")
+        if header != FIELDS:
+            p.error(f"{a.csv} has other columns than this version writes; give a new --csv")
     with open(a.csv, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         if new:
@@ -275,11 +309,13 @@ def main(argv=None):
             teacher.topk_cache = topk_from_vectors(teacher.user_vecs, teacher.item_vecs, int(kd_hp.get("K", 100)))
             base_epoch = None
             for protocol in a.protocols:
-                for backend in (["-"] if protocol == "none" else a.backends):
+                cases = [("-", "-")] if protocol == "none" else [(b, sc) for sc in a.scorings for b in a.backends]
+                for backend, scoring in cases:
                     try:
-                        row = run_case(data, dev, model_name, protocol, backend, teacher, a)
+                        row = run_case(data, dev, model_name, protocol, backend, teacher, a, scoring)
                     except Exception as e:  # one failing case must not lose the others
-                        print(f"{model_name} {protocol} {backend}: FAILED {type(e).__name__}: {e}", flush=True)
+                        print(f"{model_name} {protocol} {scoring} {backend}: FAILED {type(e).__name__}: {e}",
+                              flush=True)
                         continue
                     if protocol == "none":
                         base_epoch = row["epoch_s"]
@@ -287,10 +323,11 @@ def main(argv=None):
                     row.update(meta)
                     w.writerow(row)
                     f.flush()
-                    print(f"{a.dataset} {model_name:9s} {protocol:6s} {row['backend']:10s} "
+                    print(f"{a.dataset} {model_name:9s} {protocol:6s} {row['scoring']:10s} {row['backend']:10s} "
                           f"epoch {row['epoch_s']:9.2f} s (prep {row['prep_s']:.2f} s + refresh "
                           f"{row['refresh_s']:.2f} s + {row['steps_per_epoch']} x {row['step_ms']:.2f} ms: "
-                          f"base {row['base_ms']:.2f}, teacher {row['teacher_ms']:.2f}, kd {row['kd_ms']:.2f}, "
+                          f"base {row['base_ms']:.2f}, teacher {row['teacher_ms']:.2f}, "
+                          f"select {row['select_ms']:.2f}, kd {row['kd_ms']:.2f}, "
                           f"gather {row['gather_ms']:.2f}, "
                           f"bwd+opt {row['backward_opt_ms']:.2f}) ratio {row['ratio_vs_student']} "
                           f"peak {row['peak_mb']} MB", flush=True)

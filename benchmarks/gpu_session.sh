@@ -27,13 +27,13 @@ if [ "$STAGE" = test ]; then
     timeout 330 $PY -m pytest -x -q -rs -p no:cacheprovider tests/test_native.py >"$OUTDIR/test_native.log" 2>&1 &
     P2=$!
     timeout 330 $PY -m pytest -q -rs -p no:cacheprovider tests/test_reference.py tests/test_ops.py tests/test_errors.py \
-        >"$OUTDIR/test_ref.log" 2>&1 &
+        tests/test_topm_dot.py tests/test_embedding.py >"$OUTDIR/test_ref.log" 2>&1 &
     P3=$!
     wait $P1; R1=$?; wait $P2; R2=$?; wait $P3; R3=$?
     for f in test_triton test_native test_ref; do
         echo "== $f"; grep -E "FAILED|Error|error|passed|failed" "$OUTDIR/$f.log" | tail -6
     done
-    echo "== summary: triton rc=$R1 native rc=$R2 reference/ops/errors rc=$R3, $(( $(date +%s) - T0 )) s"
+    echo "== summary: triton rc=$R1 native rc=$R2 reference/ops/errors/topm_dot/embedding rc=$R3, $(( $(date +%s) - T0 )) s"
 fi
 
 if [ "$STAGE" = bench ]; then

@@ -146,12 +146,13 @@ def plot_train(rows, out_dir, tag):
     plt = _plt()
     if plt is None or not rows:
         return []
-    parts = [("base_ms", "base"), ("teacher_ms", "teacher"), ("kd_ms", "kd"), ("gather_ms", "gather"),
+    parts = [("base_ms", "base"), ("teacher_ms", "teacher"), ("select_ms", "select"), ("kd_ms", "kd"),
+             ("gather_ms", "gather"),
              ("backward_opt_ms", "backward+opt"),
              ("refresh", "refresh (per step)"), ("prep", "batch preparation (per step)")]
     keyed = {}
     for r in rows:  # the last row of each case
-        keyed[(r["dataset"], r["model"], r["protocol"], r["backend"])] = r
+        keyed[(r["dataset"], r["model"], r["protocol"], r.get("scoring", "dense"), r["backend"])] = r
     models = list(dict.fromkeys(k[1] for k in keyed))
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.6), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -169,7 +170,8 @@ def plot_train(rows, out_dir, tag):
             if r.get("ratio_vs_student"):
                 ax.text(x, b, f"{float(r['ratio_vs_student']):.2f}x", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(xs)
-        ax.set_xticklabels([("alone" if r["protocol"] == "none" else f"per {r['protocol']}\n{r['backend']}")
+        ax.set_xticklabels([("alone" if r["protocol"] == "none" else
+                             f"per {r['protocol']}\n{r.get('scoring', 'dense')}\n{r['backend']}")
                             for r in cases], fontsize=7)
         ax.set_ylabel("ms per training step (parts, synchronised)")
         ax.set_title(f"{model} on {cases[0]['dataset']}", fontsize=9)
@@ -178,6 +180,42 @@ def plot_train(rows, out_dir, tag):
                  fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, f"train_{tag}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_topm(rows, out_dir, name):
+    """Two panels against N (log-log): the p50 time and the peak extra memory of each provider of a
+    ``bench_topm.py`` CSV (the selection or the loss from embeddings); the loss panel also draws the
+    item gradient's size (the memory target's reference)."""
+    plt = _plt()
+    rows = [r for r in rows if r.get("p50_ms") not in (None, "")]
+    if plt is None or not rows:
+        return []
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, prov in enumerate(dict.fromkeys(r["provider"] for r in rows)):
+        rs = sorted((r for r in rows if r["provider"] == prov), key=lambda r: int(r["N"]))
+        ns = [int(r["N"]) for r in rs]
+        ax_t.plot(ns, [float(r["p50_ms"]) / 1e3 for r in rs], "o-", color=f"C{i}", label=prov)
+        mem = [(int(r["N"]), float(r["peak_extra_mb"])) for r in rs if r.get("peak_extra_mb") not in (None, "")]
+        if mem:
+            ax_m.plot(*zip(*mem), "o-", color=f"C{i}", label=prov)
+    if rows[0].get("item_grad_mb"):
+        g = sorted({(int(r["N"]), float(r["item_grad_mb"])) for r in rows})
+        ax_m.plot(*zip(*g), "k--", label="item gradient")
+    what = "loss forward + backward" if rows[0].get("op") == "loss" else "top-M selection"
+    for ax, lab in ((ax_t, "seconds (p50)"), (ax_m, "peak extra memory (MB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("items N")
+        ax.set_ylabel(lab)
+        ax.legend(fontsize=7)
+    r0 = rows[0]
+    fig.suptitle(f"{what} from embeddings, B = {r0['B']}, D = {r0['D']}, M = {r0['M']}, {r0['device']}, "
+                 f"{r0['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{name}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
@@ -223,18 +261,22 @@ def loss_table(rows, copy_gb_s, src):
 def train_table(rows, src):
     keyed = {}
     for r in rows:
-        keyed[(r["dataset"], r["model"], r["protocol"], r["backend"])] = r
+        keyed[(r["dataset"], r["model"], r["protocol"], r.get("scoring", "dense"), r["backend"])] = r
     out = [_provenance(rows, src), "",
-           "| dataset | model | protocol | backend | epoch s | prep s | refresh s | step ms | base | teacher | kd | "
-           "gather | backward+opt | KD / student | peak MB |", "|" + " --- |" * 15]
+           "| dataset | model | protocol | scoring | backend | epoch s | prep s | refresh s | refresh / product | "
+           "step ms | base | teacher | select | kd | gather | backward+opt | KD / student | peak MB |",
+           "|" + " --- |" * 18]
     for r in keyed.values():
         proto = "student alone" if r["protocol"] == "none" else f"per {r['protocol']}"
         ratio = f"{float(r['ratio_vs_student']):.2f}x" if r.get("ratio_vs_student") else "-"
         prep = f"{float(r['prep_s']):.2f}" if r.get("prep_s") not in (None, "") else "-"
         gather = f"{float(r['gather_ms']):.1f}" if r.get("gather_ms") not in (None, "") else "-"
-        out.append(f"| {r['dataset']} | {r['model']} | {proto} | {r['backend']} | {float(r['epoch_s']):.1f} | "
-                   f"{prep} | {float(r['refresh_s']):.2f} | {float(r['step_ms']):.1f} | {float(r['base_ms']):.1f} | "
-                   f"{float(r['teacher_ms']):.1f} | {float(r['kd_ms']):.1f} | {gather} | "
+        rvp = f"{float(r['refresh_vs_product']):.2f}x" if r.get("refresh_vs_product") not in (None, "") else "-"
+        sel = f"{float(r['select_ms']):.1f}" if r.get("select_ms") not in (None, "") else "-"
+        out.append(f"| {r['dataset']} | {r['model']} | {proto} | {r.get('scoring', 'dense')} | {r['backend']} | "
+                   f"{float(r['epoch_s']):.1f} | {prep} | {float(r['refresh_s']):.2f} | {rvp} | "
+                   f"{float(r['step_ms']):.1f} | {float(r['base_ms']):.1f} | "
+                   f"{float(r['teacher_ms']):.1f} | {sel} | {float(r['kd_ms']):.1f} | {gather} | "
                    f"{float(r['backward_opt_ms']):.1f} | "
                    f"{ratio} | {r['peak_mb']} |")
     return "\n".join(out)

@@ -153,6 +153,8 @@ def report(results: str, readme: str):
             written += plot.roofline(rows, results, copy_bw.get(tag), tag)
             rel = os.path.relpath(path, os.path.dirname(readme))
             blocks[f"loss_{tag}"] = plot.loss_table(rows, copy_bw.get(tag), rel)
+        elif (name.startswith("topm_") or name.startswith("embed_loss_")) and name.endswith(".csv"):
+            written += plot.plot_topm(plot.load(path), results, name.rsplit(".", 1)[0])
         elif name.startswith("train_") and name.endswith(".csv"):
             rows = plot.load(path)
             written += plot.plot_train(rows, results, tag)

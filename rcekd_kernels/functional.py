@@ -199,6 +199,17 @@ class Selection:
 
     def __getitem__(self, rows) -> "Selection":
         """The selection of some rows (an index tensor, a slice or a bool mask)."""
+        if isinstance(rows, Tensor) and rows.dim() == 1 and not rows.dtype.is_floating_point \
+                and rows.dtype != torch.bool:
+            # index_select: the rows copied whole (advanced indexing is ~10x slower on the CPU)
+            rows = rows.long()
+            if rows.numel() and not rows.is_cuda:
+                n = self.indices.shape[0]
+                lo, hi = int(rows.min()), int(rows.max())
+                if lo < -n or hi >= n:
+                    raise IndexError(f"row index out of range for a selection of {n} rows: min {lo}, max {hi}")
+                rows = torch.where(rows < 0, rows + n, rows) if lo < 0 else rows
+            return self._map(lambda x: x.index_select(0, rows))
         return self._map(lambda x: x[rows])
 
     def to(self, device) -> "Selection":

@@ -86,8 +86,11 @@ def test_regenerate_quick_end_to_end(tmp_path):
                for r in rows)
     with open(tmp_path / "train_quick.csv") as f:
         trows = list(csv.DictReader(f))
-    assert [r["protocol"] for r in trows] == ["none", "epoch"]
-    assert float(trows[0]["ratio_vs_student"]) == 1.0 and float(trows[1]["epoch_s"]) > 0
+    assert [(r["protocol"], r["scoring"]) for r in trows] == [("none", "-"), ("epoch", "dense"),
+                                                              ("epoch", "embeddings")]
+    assert float(trows[0]["ratio_vs_student"]) == 1.0 and all(float(r["epoch_s"]) > 0 for r in trows[1:])
+    # the refresh against the product alone, measured in the same run
+    assert all(float(r["product_s"]) > 0 and float(r["refresh_vs_product"]) > 0 for r in trows[1:])
     text = readme.read_text()
     assert "old" not in text and "| reference |" in text and "| per epoch |" in text
     for name in ("loss_quick.png", "roofline_quick.png", "train_quick.png", "copy_bandwidth_quick.txt"):

@@ -20,6 +20,7 @@ from rcekd_train.kd import (
     listwise_rows,
     mix_seed,
     ranked_topk,
+    topk_from_vectors,
 )
 from rcekd_train.models import build_model
 
@@ -472,3 +473,37 @@ def test_dcd_teacher_ranks_kept_across_epochs(setting):
         b = DCD(teacher, data, seed=3, **dict(hp, order=order))
         b.on_epoch_start(student, 1)
         assert torch.equal(a.items, b.items)
+
+
+# --- the loss from embeddings in the drivers (issue 12): the same sets, losses and gradients as full rows ----
+@pytest.mark.parametrize("refresh", ["epoch", "batch"])
+@pytest.mark.parametrize("variant", ["full", "no_split", "l1_only"])
+@pytest.mark.parametrize("exclude_train", [False, True])
+def test_rcekd_from_embeddings_equals_full_rows(setting, refresh, variant, exclude_train):
+    """``scoring: embeddings`` (the default: top-M by topm_dot, the scores of the 2K + L items only) against
+    ``scoring: dense`` (the full (B, N) score rows and the teacher's rows): identical sets, losses and gradients
+    to float rounding."""
+    data, teacher, student, _ = setting
+    if exclude_train:  # the teacher's lists without training items (as the loss requires with the exclusion)
+        teacher = FrozenTeacher(teacher.user_vecs, teacher.item_vecs,
+                                topk_from_vectors(teacher.user_vecs, teacher.item_vecs, 40, data=data))
+    users = torch.tensor([3, 7, 7, 50, 119, 0])
+    got = {}
+    for scoring in ("embeddings", "dense"):
+        kd = RCEKD(teacher, data, seed=2, K=6, M=14, L=5, beta=2.0, tau=1.5, refresh=refresh, variant=variant,
+                   exclude_train=exclude_train, scoring=scoring)
+        kd.on_epoch_start(student, 3)
+        uv, iv = student.represent(users)
+        loss, diag = kd.batch_loss(users, uv, iv, step=7)
+        loss.backward()
+        grads = [p.grad.clone() for p in student.parameters()]
+        student.zero_grad()
+        got[scoring] = (loss.detach(), {k: float(v) for k, v in diag.items()}, grads,
+                        kd.selection.indices.clone() if refresh == "epoch" else None)
+    (l_e, d_e, g_e, s_e), (l_d, d_d, g_d, s_d) = got["embeddings"], got["dense"]
+    if refresh == "epoch":
+        assert torch.equal(s_e, s_d)  # every user's sets
+    assert float(l_e) == pytest.approx(float(l_d), rel=1e-5)
+    assert d_e.keys() == d_d.keys() and d_e == pytest.approx(d_d, rel=1e-5)
+    for a, b in zip(g_e, g_d):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -31,6 +31,8 @@ from typing import Dict, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from rcekd_kernels import topm_dot
+
 from .models.base import eval_mode
 
 METRICS = ("recall", "ndcg")
@@ -56,7 +58,7 @@ def metrics_from_topk(topk: torch.Tensor, users: torch.Tensor, split, num_items:
     u, n_rel = u[keep], n_rel[keep]
     q = u[:, None] * num_items + top
     pos = np.minimum(np.searchsorted(keys, q), max(len(keys) - 1, 0))
-    hits = (keys[pos] == q) if len(keys) else np.zeros(q.shape, bool)
+    hits = (keys[pos] == q) & (top >= 0) if len(keys) else np.zeros(q.shape, bool)  # id -1: no item there
     kmax = max(ks)
     disc = 1.0 / np.log2(np.arange(2, kmax + 2))
     ideal = np.concatenate([[0.0], np.cumsum(disc)])
@@ -81,9 +83,17 @@ def fixed_point_bits(num_users: int) -> int:
 def evaluate_vectors(user_vecs: torch.Tensor, item_vecs: torch.Tensor, data, ks: Sequence[int] = (10, 20),
                      splits: Iterable[str] = ("valid", "test"), batch_size: int = 1024,
                      convention: str = "ours", par=None) -> Dict[str, Dict[str, float]]:
-    """Metrics of a dot-product scorer given all user vectors (U, D) and item vectors (N, D)."""
-    return evaluate_scores(lambda users: user_vecs[users] @ item_vecs.T, data, ks, splits, batch_size,
-                           device=user_vecs.device, convention=convention, par=par)
+    """Metrics of a dot-product scorer given all user vectors (U, D) and item vectors (N, D).
+
+    The lists come from ``rcekd_kernels.topm_dot`` (the top max(K) of ``user_vecs @ item_vecs.T`` tile by tile,
+    the training items excluded sparsely, ties to the smaller id): no (batch, N) score matrix is written. A user
+    with fewer than max(K) items outside their training items gets -1 in the tail of the list (no hit)."""
+    kmax = max(ks)
+
+    def topk_fn(users):
+        ids, _ = topm_dot(user_vecs[users], item_vecs, kmax, exclude=data.train_exclusion(users))
+        return ids
+    return _evaluate(topk_fn, data, ks, splits, batch_size, user_vecs.device, convention, par)
 
 
 @torch.no_grad()
@@ -98,13 +108,24 @@ def evaluate_scores(score_fn, data, ks: Sequence[int] = (10, 20), splits: Iterab
     sums its users' values in fixed point (:func:`fixed_point_bits`) and counts them, and one all-reduce of
     those integers gives every process the sums and counts of all users: the metrics equal the single-process
     ones exactly."""
+    kmax = min(max(ks), data.num_items)
+
+    def topk_fn(users):
+        scores = score_fn(users).float()
+        scores = scores.masked_fill(data.train_mask_rows(users), float("-inf"))
+        return torch.topk(scores, kmax, dim=1).indices
+    return _evaluate(topk_fn, data, ks, splits, batch_size, device, convention, par)
+
+
+def _evaluate(topk_fn, data, ks, splits, batch_size, device, convention, par) -> Dict[str, Dict[str, float]]:
+    """The metrics from ranked lists ``topk_fn(users) -> (B, <= max K)`` ids (training items excluded; -1: no
+    item), over the users in batches (split over the processes of ``par``)."""
     from .parallel import SINGLE
     par = par or SINGLE
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
     splits = list(splits)
     names = metric_names(ks)
-    kmax = max(ks)
     N = data.num_items
     keys = {s: _split_keys(getattr(data, s), N) for s in splits}
     lens = {s: getattr(data, s).lengths() for s in splits}
@@ -116,9 +137,7 @@ def evaluate_scores(score_fn, data, ks: Sequence[int] = (10, 20), splits: Iterab
     first, last = par.span((len(users_needed) + batch_size - 1) // batch_size)
     for start in range(first * batch_size, min(last * batch_size, len(users_needed)), batch_size):
         users = torch.from_numpy(users_needed[start:start + batch_size]).to(device)
-        scores = score_fn(users).float()
-        scores = scores.masked_fill(data.train_mask_rows(users), float("-inf"))
-        topk = torch.topk(scores, min(kmax, N), dim=1).indices
+        topk = topk_fn(users)
         for si, s in enumerate(splits):
             per_user = metrics_from_topk(topk, users, getattr(data, s), N, ks, keys[s])
             for mi, m in enumerate(names):

@@ -164,6 +164,18 @@ class InteractionData:
         mask[torch.from_numpy(rows), torch.from_numpy(cols)] = True
         return mask.to(users.device)
 
+    def train_exclusion(self, users: torch.Tensor):
+        """The users' training items as a sparse exclusion (offsets (B + 1,), ids (nnz,)) int64 on the users'
+        device: the form ``rcekd_kernels.topm_dot`` and the loss from embeddings take (never a (B, N) mask)."""
+        users_np = users.detach().cpu().numpy().astype(np.int64)
+        ip, ind = self.train.indptr, self.train.indices
+        starts, ends = ip[users_np], ip[users_np + 1]
+        lens = ends - starts
+        offsets = np.zeros(len(users_np) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        ids = ind[np.repeat(starts - offsets[:-1], lens) + np.arange(offsets[-1])]
+        return torch.from_numpy(offsets).to(users.device), torch.from_numpy(ids).to(users.device)
+
     def stats(self) -> Dict[str, float]:
         n = self.train.nnz + self.valid.nnz + self.test.nnz
         return {

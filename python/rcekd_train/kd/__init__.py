@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+from rcekd_kernels.spec import ranked_topk
+
 from .base import KDMethod, NoKD, gumbel_topk, mix_seed
 from .baselines import CD, DCD, RRD, VanillaCE, cd_rows, ce_rows, listwise_rows
 from .hetcomp import HetComp
 from .rcekd import RCEKD
-from .teacher import FrozenTeacher, cache_topk, load_teacher, load_topk, ranked_topk, save_topk, topk_from_vectors
+from .teacher import FrozenTeacher, cache_topk, load_teacher, load_topk, save_topk, topk_from_vectors
 
 METHODS = {"none": NoKD, "rcekd": RCEKD, "ce": VanillaCE, "cd": CD, "rrd": RRD, "dcd": DCD, "hetcomp": HetComp}
 

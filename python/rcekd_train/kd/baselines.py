@@ -15,8 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rcekd_kernels import topm_dot
+from rcekd_kernels.spec import ranked_topk
+
 from .base import KDMethod, dot_all, dot_items, gumbel_topk, mix_seed
-from .teacher import ranked_topk, topk_from_vectors
+from .teacher import topk_from_vectors
 
 Tensor = torch.Tensor
 
@@ -92,7 +95,7 @@ class VanillaCE(KDMethod):
         super().on_epoch_start(student, epoch)
         if self.hp["refresh"] == "epoch":
             uv, iv = self.student_vectors(student)
-            self.qs = torch.cat([ranked_topk(dot_all(uv[u.to(uv.device)], iv), self.hp["K"])
+            self.qs = torch.cat([topm_dot(uv[u.to(uv.device)], iv, self.hp["K"])[0]
                                  for u in self.chunks(self.data.num_users, self.hp["chunk"])])
             self.t_qs = self.teacher.score_items(torch.arange(self.data.num_users, device=self.qs.device), self.qs)
 
@@ -101,7 +104,7 @@ class VanillaCE(KDMethod):
             idx, t = self.qs[users], self.t_qs[users]
         else:
             with torch.no_grad():
-                idx = ranked_topk(dot_all(user_vecs, item_vecs), self.hp["K"])
+                idx = topm_dot(user_vecs, item_vecs, self.hp["K"])[0]
             t = self.teacher.score_items(users, idx)
         s = dot_items(user_vecs, item_vecs, idx)
         return ce_rows(s, t, float(self.hp["tau"])), {}

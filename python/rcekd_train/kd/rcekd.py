@@ -32,7 +32,7 @@ import dataclasses
 
 import torch
 
-from rcekd_kernels import RCEKDConfig, Selection, rce_kd_loss, rce_kd_loss_gathered, select
+from rcekd_kernels import RCEKDConfig, Selection, rce_kd_loss, rce_kd_loss_gathered, select, select_embeddings
 
 from .base import KDMethod, dot_all, dot_items, mix_seed
 
@@ -62,9 +62,9 @@ class RCEKD(KDMethod):
     name = "rcekd"
     defaults = dict(K=50, M=None, L=50, tau=1.0, T=10.0, beta=3.0, mode="official", refresh="epoch",
                     reduction="sum", exclude_train=False, variant="full", gamma=0.5, chunk=1024, backend=None,
-                    validate="first")
+                    validate="first", scoring="embeddings")
 
-    choices = {"variant": VARIANTS}
+    choices = {"variant": VARIANTS, "scoring": ("embeddings", "dense")}
 
     @classmethod
     def check_relations(cls, h):
@@ -103,6 +103,22 @@ class RCEKD(KDMethod):
         return dict(K=h["K"], M=h["M"], L=h["L"], T=float(h["T"]), beta=float(h["beta"]), mode=h["mode"],
                     backend=h["backend"])
 
+    def _select(self, uvecs: torch.Tensor, iv: torch.Tensor, users: torch.Tensor, seed: int, validate: bool
+                ) -> Selection:
+        """The sets of these users from the student's vectors (no gradient): by ``select_embeddings`` (the
+        student's top-M tile by tile, the training items excluded sparsely; no (B, N) scores), or with
+        ``scoring: dense`` by ``select`` on the full score rows (the path before; the same sets whenever the
+        products are the same numbers)."""
+        h = self.hp
+        qt = self.teacher.topk(users, h["K"])
+        if h["scoring"] == "dense":
+            exclude = self.data.train_mask_rows(users) if h["exclude_train"] else None
+            return select(dot_all(uvecs, iv), teacher_topk=qt, seed=seed, row_ids=users, exclude=exclude,
+                          validate=validate, **self._common())
+        exclude = self.data.train_exclusion(users) if h["exclude_train"] else None
+        return select_embeddings(uvecs, iv, qt, exclude=exclude, seed=seed, row_ids=users, validate=validate,
+                                 **self._common())
+
     @torch.no_grad()
     def on_epoch_start(self, student, epoch):
         super().on_epoch_start(student, epoch)
@@ -111,14 +127,10 @@ class RCEKD(KDMethod):
         uv, iv = self.student_vectors(student)
         seed = mix_seed(self.seed, epoch, 1)
         validate = self._validate()
-        parts = []
         lo, hi = self.own_users()  # every user, or this process's block (a user's sets do not depend on others)
-        for users in self.chunks(hi, self.hp["chunk"], start=lo):
-            users = users.to(uv.device)
-            exclude = self.data.train_mask_rows(users) if self.hp["exclude_train"] else None
-            parts.append(select(dot_all(uv[users], iv), teacher_topk=self.teacher.topk(users, self.hp["K"]),
-                                seed=seed, row_ids=users, exclude=exclude, validate=validate, **self._common()))
-        self.selection = sel = Selection.cat(parts)
+        self.selection = sel = Selection.cat([self._select(uv[users], iv, users, seed, validate)
+                                              for users in (u.to(uv.device) for u in
+                                                            self.chunks(hi, self.hp["chunk"], start=lo))])
         # the diagnostics of the epoch's sets, prepared once (means over the users; constant through
         # the epoch, so not recomputed per step)
         self.epoch_diag = {"gamma": sel.gamma.float().mean(), "q1_frac": sel.n_q1.float().mean() / self.hp["K"]}
@@ -160,38 +172,45 @@ class RCEKD(KDMethod):
             rows_of = self.local(users)  # the rows of the epoch's sets (of this process's users)
             sel = self.selection[rows_of]
             s_g = dot_items(user_vecs, item_vecs, sel.indices)
-            t_g = self.teacher_at_sel[rows_of]
-            if h["variant"] == "full":
-                # the scores come from the models (no data check: it would synchronise every step)
-                rows, diag = rce_kd_loss_gathered(s_g, t_g, sel, tau=float(h["tau"]), reduction="none",
-                                                  backend=h["backend"], validate=False, return_diagnostics=True)
-            else:
-                rows, diag = self._variant_rows(s_g, t_g, sel, self.x_mask[rows_of] if h["variant"] == "no_split"
-                                                else None)
+            t_g = self.teacher_at_sel.index_select(0, rows_of)  # (index_select: ~10x advanced indexing on a CPU)
+            x_mask = self.x_mask.index_select(0, rows_of) if h["variant"] == "no_split" else None
             out = dict(self.epoch_diag)
-        elif h["variant"] != "full":
-            # the sets of this batch from the select API (the same seed and rows as the fused loss would use)
-            s = dot_all(user_vecs, item_vecs)
-            t = self.teacher.score_rows(users)
-            exclude = self.data.train_mask_rows(users) if h["exclude_train"] else None
-            sel = select(s.detach(), teacher_topk=self.teacher.topk(users, h["K"]), seed=mix_seed(self.seed, step, 2),
-                         row_ids=users, exclude=exclude, validate=self._validate(), **self._common())
-            idx = sel.indices
-            x_mask = qt_not_sampled(sel.teacher_topk, sel.sampled) if h["variant"] == "no_split" else None
-            rows, diag = self._variant_rows(s.gather(1, idx), t.gather(1, idx), sel, x_mask)
-            out = {"q1_frac": sel.n_q1.float().mean() / h["K"]}
-            if h["variant"] != "no_split":
-                out.update(gamma=diag["gamma"], gamma_adaptive=sel.gamma.float().mean())
+        elif h["scoring"] == "dense" and h["variant"] == "full":
+            return self._dense_batch_rows(users, user_vecs, item_vecs, step)
         else:
-            s = dot_all(user_vecs, item_vecs)
-            t = self.teacher.score_rows(users)
-            exclude = self.data.train_mask_rows(users) if h["exclude_train"] else None
-            rows, diag = rce_kd_loss(s, t, self.teacher.topk(users, h["K"]), tau=float(h["tau"]),
-                                     seed=mix_seed(self.seed, step, 2), row_ids=users, exclude=exclude,
-                                     reduction="none", validate=self._validate(), return_diagnostics=True,
-                                     **self._common())
-            out = {"gamma": diag["gamma"], "q1_frac": diag["q1_frac"]}
+            # the sets of this batch (the same seed and rows as the fused loss would use), then the scores of the
+            # student (with gradient) and of the teacher at the 2K + L selected items only
+            sel = self._select(user_vecs.detach(), item_vecs.detach(), users, mix_seed(self.seed, step, 2),
+                               self._validate())
+            if h["scoring"] == "dense":
+                s_g = dot_all(user_vecs, item_vecs).gather(1, sel.indices)
+                t_g = self.teacher.score_rows(users).gather(1, sel.indices)
+            else:
+                s_g = dot_items(user_vecs, item_vecs, sel.indices)
+                t_g = self.teacher.score_items(users, sel.indices)
+            x_mask = qt_not_sampled(sel.teacher_topk, sel.sampled) if h["variant"] == "no_split" else None
+            out = {"q1_frac": sel.n_q1.float().mean() / h["K"]}
+        rows, diag = self._variant_rows(s_g, t_g, sel, x_mask)
+        if h["refresh"] == "batch" and h["variant"] != "no_split":
+            out["gamma"] = diag["gamma"]
+            if h["variant"] != "full":
+                out["gamma_adaptive"] = sel.gamma.float().mean()
         if "L1" in diag:
             out.update(L1=diag["L1"], L2=diag["L2"])  # detached 0-dim tensors: no host synchronisation
         return rows, out
 
+    def _dense_batch_rows(self, users, user_vecs, item_vecs, step):
+        """The per-batch protocol on full rows (``scoring: dense``, the path before): the student's (B, N) scores
+        and the teacher's rows of the batch through the fused ``rce_kd_loss``."""
+        h = self.hp
+        s = dot_all(user_vecs, item_vecs)
+        t = self.teacher.score_rows(users)
+        exclude = self.data.train_mask_rows(users) if h["exclude_train"] else None
+        rows, diag = rce_kd_loss(s, t, self.teacher.topk(users, h["K"]), tau=float(h["tau"]),
+                                 seed=mix_seed(self.seed, step, 2), row_ids=users, exclude=exclude,
+                                 reduction="none", validate=self._validate(), return_diagnostics=True,
+                                 **self._common())
+        out = {"gamma": diag["gamma"], "q1_frac": diag["q1_frac"]}
+        if "L1" in diag:
+            out.update(L1=diag["L1"], L2=diag["L2"])
+        return rows, out

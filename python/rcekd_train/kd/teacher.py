@@ -5,8 +5,8 @@ its top-K items per user are computed in chunks of users and cached to a file
 (``teacher_topk.pt``, int32 (users, K)). For distillation the teacher's user and
 item vectors are computed once (all backbones score by a dot product) and the
 model itself is dropped; teacher scores are then computed only where needed:
-at given items (B, X), or full rows of one batch (B, N) for the per-batch
-protocol. No users x items teacher matrix is ever kept.
+at given items (B, X) (``score_items``). No users x items teacher matrix is ever
+kept, and no (B, N) teacher rows are computed in training.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from rcekd_kernels.spec import ranked_topk  # the spec's ranking order (ties to the smaller id)
+from rcekd_kernels import topm_dot  # the spec's ranking order (ties to the smaller id), tile by tile
 
 from .. import config as C
 from ..files import load_torch, save_torch
@@ -27,16 +27,15 @@ Tensor = torch.Tensor
 
 @torch.no_grad()
 def topk_from_vectors(user_vecs: Tensor, item_vecs: Tensor, K: int, data=None, chunk: int = 1024) -> Tensor:
-    """Top-K item ids (users, K) in ranking order (ties to the smaller id), computed in chunks of
-    users. With ``data`` the users' training items are excluded (ranked last)."""
+    """Top-K item ids (users, K) int32 in ranking order (ties to the smaller id), by ``rcekd_kernels.topm_dot``
+    on chunks of users (the scores are never written out). With ``data`` the users' training items are
+    excluded (a user with fewer than K other items ends with id -1)."""
     K = min(K, item_vecs.shape[0])
     out = []
     for s in range(0, user_vecs.shape[0], chunk):
         users = torch.arange(s, min(s + chunk, user_vecs.shape[0]), device=user_vecs.device)
-        scores = (user_vecs[users] @ item_vecs.T).float()
-        if data is not None:
-            scores = scores.masked_fill(data.train_mask_rows(users), float("-inf"))
-        out.append(ranked_topk(scores, K))
+        exclude = data.train_exclusion(users) if data is not None else None
+        out.append(topm_dot(user_vecs[users], item_vecs, K, exclude=exclude)[0])
     if not out:  # no user (a process without a chunk of users)
         return torch.empty((0, K), dtype=torch.int32, device=user_vecs.device)
     return torch.cat(out).to(torch.int32)
