@@ -252,7 +252,7 @@ def run_case(data, dev, model_name, protocol, backend, teacher, a, scoring="embe
                gather_ms=round(max(0.0, parts.get("kd_step", 0.0) - clock.t.get("kd", 0.0)
                                    - clock.t.get("teacher", 0.0) - clock.t.get("select", 0.0)) / n * 1e3, 3),
                backward_opt_ms=round(parts.get("backward+opt", 0.0) / n * 1e3, 3),
-               prep_s=round(prep, 3), refresh_s=round(refresh, 3), product_s=round(product, 3),
+               prep_s=round(prep, 3), refresh_s=round(refresh, 3), product_s=round(product, 6),
                refresh_vs_product=round(refresh / product, 3) if product else "",
                epoch_s=round(prep + refresh + steps_per_epoch * step_ms / 1e3, 3),
                peak_mb=round(peak, 1), batch_size=batch_size, K=kd_hp.get("K"), M=kd_hp.get("M"),
