@@ -383,3 +383,134 @@ def test_rows_with_too_few_items_agree_without_validation():
         for a, b in zip(got, want):
             assert torch.equal(a.cpu(), b.cpu()), name
         assert math.isfinite(float(R.rce_kd_loss(s, t, config=cfg, exclude=ex, backend=name, validate=False)))
+
+
+# --------------------------------------------------------------- the entry points from embeddings (issue 12)
+TOPM = [n for n in HERE if backends.unsupported_reason(
+    n, backends.Call("topm_dot", C.DEVICE, (torch.float32,), None, 100, 10)) is None]
+
+
+@st.composite
+def embedding_cases(draw):
+    """A valid call from embeddings: small-integer vectors (every product exact in float32, many ties), an
+    optional sparse exclusion that leaves at least M items per row, the teacher's top-K given or not."""
+    B, N, D, Dt = draw(st.integers(1, 5)), draw(st.integers(2, 40)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    M = draw(st.integers(1, N))
+    K, L = draw(st.integers(1, M)), draw(st.integers(1, M))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+
+    def ints(*shape):
+        return torch.randint(-3, 4, shape, generator=g).to(dtype).to(C.DEVICE)
+    u, v, tu, tv = ints(B, D), ints(N, D), ints(B, Dt), ints(N, Dt)
+    mask = None
+    if draw(st.booleans()) and N > M:
+        mask = torch.zeros(B, N, dtype=torch.bool)
+        for b in range(B):
+            mask[b, torch.randperm(N, generator=g)[:draw(st.integers(0, N - M))]] = True
+        mask = mask.to(C.DEVICE)
+    qt = spec.ranked_topk(tu @ tv.T, K, mask) if draw(st.booleans()) else None
+    kw = dict(K=K, M=M, L=L, tau=draw(st.sampled_from([0.3, 1.0, 4.0])), T=draw(st.sampled_from([0.5, 10.0])),
+              beta=draw(st.sampled_from([0.0, 3.0])), mode=draw(st.sampled_from(["paper", "official"])),
+              seed=draw(st.integers(0, 2 ** 70)))
+    return dict(u=u, v=v, tu=tu, tv=tv, mask=mask, qt=qt, kw=kw)
+
+
+@pytest.mark.parametrize("name", TOPM)
+def test_embedding_entry_points_equal_the_dense_api(name):
+    """Random valid calls of select_embeddings / rce_kd_loss_embeddings / topm_dot: the dense API's sets on
+    U @ V.T exactly, its loss rows and the vectors' gradients to float rounding."""
+
+    @fuzz_settings(examples(name, 40))
+    @given(embedding_cases())
+    def check(c):
+        u, v, tu, tv, mask, qt, kw = c["u"], c["v"], c["tu"], c["tv"], c["mask"], c["qt"], c["kw"]
+        ex = R.csr_exclusion(mask) if mask is not None else None
+        cfg = {k: x for k, x in kw.items() if k != "tau"}
+        if backends.unsupported_reason(name, backends.Call("topm_dot", C.DEVICE, (u.dtype,), None, 100, 10)):
+            with pytest.raises(ValueError, match="cannot run topm_dot"):  # refused with the reason (triton: float64)
+                R.select_embeddings(u, v, qt, teacher_user_vecs=tu, teacher_item_vecs=tv, backend=name, **cfg)
+            return
+        want = R.select(u @ v.T, tu @ tv.T, qt, exclude=mask, backend="reference", **cfg)
+        got = R.select_embeddings(u, v, qt, teacher_user_vecs=tu, teacher_item_vecs=tv, exclude=ex, backend=name,
+                                  **cfg)
+        for f in ("indices", "q2_mask", "gamma", "n_q1", "n_qt_sampled"):
+            assert torch.equal(getattr(got, f).cpu(), getattr(want, f).cpu()), f
+        ids, scores = R.topm_dot(u, v, kw["M"], exclude=ex, backend=name)
+        assert torch.equal(ids.cpu(), spec.ranked_topk((u @ v.T).float(), kw["M"], mask).cpu().long())
+        uu, vv = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        rows = R.rce_kd_loss_embeddings(uu, vv, qt, teacher_user_vecs=tu, teacher_item_vecs=tv, exclude=ex,
+                                        reduction="none", backend=name, **kw)
+        ud, vd = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
+        want_rows = R.rce_kd_loss(ud @ vd.T, tu @ tv.T, qt, exclude=mask, reduction="none", backend="reference",
+                                  **kw)
+        _finite(rows.detach())
+        tol = dict(rtol=1e-5, atol=1e-5) if u.dtype == torch.float32 else dict(rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(rows.detach(), want_rows.detach(), **tol)
+        w = torch.linspace(0.5, 2.0, u.shape[0], dtype=u.dtype, device=u.device)
+        (rows * w).sum().backward()
+        (want_rows * w).sum().backward()
+        torch.testing.assert_close(uu.grad, ud.grad, **tol)
+        torch.testing.assert_close(vv.grad, vd.grad, **tol)
+
+    check()
+
+
+def _embedding_spoilers(c):
+    u, v, qt = c["u"], c["v"], c["qt"]
+    B, N = u.shape[0], v.shape[0]
+    zero = torch.zeros(B + 1, dtype=torch.int64, device=u.device)
+    return [
+        ("user_vecs list", dict(user_vecs=u.tolist()), "user_vecs"),
+        ("item_vecs numpy", dict(item_vecs=v.cpu().numpy()), "item_vecs"),
+        ("item_vecs other D", dict(item_vecs=torch.cat([v, v], 1)), "D"),
+        ("item_vecs other dtype", dict(item_vecs=v.to(torch.float16 if v.dtype != torch.float16 else torch.float32)),
+         "dtype"),
+        ("user_vecs 3-D", dict(user_vecs=u.unsqueeze(0)), "2-D"),
+        ("M zero", dict(M=0), "M"),
+        ("K above M", dict(K=c["kw"]["M"] + 1), "K"),
+        ("exclude a mask", dict(exclude=torch.zeros(B, N, dtype=torch.bool, device=u.device)), "exclude"),
+        ("exclude offsets short", dict(exclude=(zero[:-1], zero[:0])), "offsets"),
+        ("exclude offsets decreasing", dict(exclude=(torch.cat([zero[:-1], zero[-1:] - 1]), zero[:0])), "offsets"),
+        ("exclude ids float", dict(exclude=(zero, zero[:0].float())), "exclude"),
+        ("teacher_topk float", dict(teacher_topk=torch.zeros(B, c["kw"]["K"], device=u.device)), "teacher_topk"),
+        ("teacher_topk out of range", dict(teacher_topk=torch.full((B, c["kw"]["K"]), N, dtype=torch.int64,
+                                                                   device=u.device)), "teacher_topk"),
+        ("teacher_topk wrong rows", dict(teacher_topk=torch.zeros(B + 1, c["kw"]["K"], dtype=torch.int64,
+                                                                  device=u.device)), "teacher_topk"),
+        ("seed a float", dict(seed=1.5), "seed"),
+        ("row_ids wrong length", dict(row_ids=torch.arange(B + 1, device=u.device)), "row_ids"),
+    ] + ([("qt none and no teacher vectors", dict(teacher_topk=None, teacher_user_vecs=None), "teacher")]
+         if qt is not None else [])
+
+
+@pytest.mark.parametrize("name", TOPM)
+def test_embedding_entry_points_raise_clear_errors(name):
+    """One spoiled argument of select_embeddings / rce_kd_loss_embeddings / topm_dot: a TypeError or
+    ValueError naming it (never a schema error, never a crash)."""
+
+    @fuzz_settings(examples(name, 60))
+    @given(embedding_cases(), st.data())
+    def check(c, data):
+        if backends.unsupported_reason(name, backends.Call("topm_dot", C.DEVICE, (c["u"].dtype,), None, 100, 10)):
+            c = {k: (x.float() if k in ("u", "v", "tu", "tv") else x) for k, x in c.items()}  # triton: no float64
+        what, over, word = data.draw(st.sampled_from(_embedding_spoilers(c)))
+        entry = data.draw(st.sampled_from(["select_embeddings", "rce_kd_loss_embeddings", "topm_dot"]))
+        args = dict(user_vecs=c["u"], item_vecs=c["v"], teacher_topk=c["qt"], teacher_user_vecs=c["tu"],
+                    teacher_item_vecs=c["tv"], exclude=None, backend=name, **c["kw"])
+        if "tau" in args and entry == "select_embeddings":
+            args.pop("tau")
+        args.update(over)
+        if entry == "topm_dot":
+            if not any(k in over for k in ("user_vecs", "item_vecs", "M", "exclude")):
+                return
+            with pytest.raises((TypeError, ValueError)) as e:
+                R.topm_dot(args["user_vecs"], args["item_vecs"], args["M"], exclude=args["exclude"], backend=name)
+        else:
+            fn = getattr(R, entry)
+            pos = [args.pop("user_vecs"), args.pop("item_vecs"), args.pop("teacher_topk")]
+            with pytest.raises((TypeError, ValueError)) as e:
+                fn(*pos, **args)
+        assert word.lower() in str(e.value).lower(), (entry, what, str(e.value))
+
+    check()
