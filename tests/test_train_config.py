@@ -23,6 +23,21 @@ def test_citeulike_values_named_in_issue_14():
     assert resolve("citeulike", "student", "lightgcn", kd_method="none")["train"]["wd"] == 1e-3
 
 
+@pytest.mark.parametrize("dataset", ["citeulike", "gowalla", "yelp2018"])
+def test_hstu_is_the_model_the_authors_code_computes(dataset):
+    # woriazzc/RCEKD modeling/backbone/sequential_backbone.py: generate_user_embeddings passes
+    # all_timestamps=None to HSTUJagged, and hstu_base_module.py adds the relative bias only when
+    # all_timestamps is not None: enable_relative_attention_bias: True builds the module, adds nothing.
+    # Its LocalNegativesSampler draws num_negatives items for each position (positive_ids.size() + (R,)).
+    runs = [resolve(dataset, "teacher", "hstu"), resolve(dataset, "student", "hstu", kd_method="none"),
+            resolve(dataset, "student", "hstu", kd_method="rcekd", teacher_model="hstu")]
+    for cfg in runs:
+        assert (cfg["model"]["rel_bias"], cfg["model"]["negatives"]) == (False, "position")
+    # the packaged defaults keep the earlier behaviour (a shared draw, the bias)
+    d = resolve("synthetic", "teacher", "hstu")["model"]
+    assert (d["rel_bias"], d["negatives"]) == (True, "batch")
+
+
 def test_per_method_training_settings_of_a_pair():
     # the authors tune weight decay per method: MF->MF RCE-KD 1e-5, CD 1e-8, CE 1e-7, HetComp 1e-3
     wd = {m: resolve("citeulike", "student", "mf", kd_method=m, teacher_model="mf")["train"]["wd"]
@@ -80,6 +95,8 @@ def test_bad_train_options_are_named(key, value, words):
     ("teacher", "lightgcn", "none", "model.dim=-3", "model.dim must be a positive integer, got -3"),
     ("teacher", "hstu", "none", "model.heads=0", "model.heads must be a positive integer"),
     ("teacher", "hstu", "none", "model.dropout=1.0", r"model.dropout must be a number in \[0, 1\)"),
+    ("teacher", "hstu", "none", "model.negatives=shared",
+     r"model.negatives must be one of \['position', 'batch'\]"),
     ("teacher", "mf", "none", "train.lr=-0.001", "train.lr must be a finite number > 0, got -0.001"),
     ("teacher", "mf", "none", "train.lr=nan", "train.lr must be a finite number > 0, got nan"),
     ("teacher", "mf", "none", "train.lr=.inf", "train.lr must be a finite number > 0, got inf"),

@@ -123,6 +123,46 @@ def test_hstu_causal_and_last_position(data):
     assert math.isfinite(float(loss)) and m.item_emb.weight.grad is not None
 
 
+@pytest.mark.parametrize("negatives", ["position", "batch"])
+def test_hstu_sampled_softmax_negatives(data, negatives):
+    """negatives="position": each position draws its own num_negatives items (the authors'
+    LocalNegativesSampler, ids of shape (positions, R)); "batch": one draw of R shared by the batch."""
+    torch.manual_seed(0)
+    R, T = 6, 0.05
+    m = build_model("hstu", data, dim=8, blocks=1, heads=2, attn_dim=4, linear_dim=4, max_len=12,
+                    num_negatives=R, temperature=T, rel_bias=False, negatives=negatives).eval()
+    assert all(layer.rel_bias is None for layer in m.layers)
+    users = torch.arange(20)
+    torch.manual_seed(123)
+    loss, *_ = m.base_loss(users)  # eval mode: no dropout, the draw is the only use of the RNG
+    # by hand
+    out, ids, lengths = m.encode(users)
+    items = m.item_vectors()
+    q = out[:, :-1][ids[:, 1:] != 0]
+    pos = ids[:, 1:][ids[:, 1:] != 0] - 1
+    P = len(pos)
+    torch.manual_seed(123)
+    if negatives == "position":
+        neg = torch.randint(0, data.num_items, (P, R))
+    else:
+        neg = torch.randint(0, data.num_items, (R,)).expand(P, R)
+    s_pos = (q * items[pos]).sum(-1) / T
+    s_neg = torch.einsum("pd,prd->pr", q, items[neg]) / T
+    s_neg = s_neg.masked_fill(neg == pos.view(-1, 1), float("-inf"))
+    want = -torch.log_softmax(torch.cat([s_pos.view(-1, 1), s_neg], 1), 1)[:, 0].mean()
+    assert torch.allclose(loss, want, atol=1e-5)
+    # differentiable through the item vectors of the negatives
+    m.train()
+    loss, *_ = m.base_loss(users)
+    loss.backward()
+    assert math.isfinite(float(loss)) and m.item_emb.weight.grad.abs().sum() > 0
+
+
+def test_hstu_negatives_choice_is_checked(data):
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        build_model("hstu", data, dim=8, negatives="shared")
+
+
 def test_hstu_attention_is_pointwise_silu_over_padded_length(data):
     from rcekd_train.models.hstu import HSTULayer
     torch.manual_seed(0)

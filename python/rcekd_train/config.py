@@ -55,7 +55,8 @@ TRAIN_RULES = {"epochs": "nonneg_int", "batch_size": "pos_int", "patience": "pos
                "metric_convention": METRIC_CONVENTIONS, "nonfinite": ("error", "skip"), "early_stop_metric": "str"}
 MODEL_RULES = {"dim": "pos_int", "layers": "nonneg_int", "init_std": "nonneg", "blocks": "pos_int", "heads": "pos_int",
                "attn_dim": "pos_int", "linear_dim": "pos_int", "max_len": "pos_int", "dropout": "prob",
-               "linear_dropout": "prob", "temperature": "pos", "num_negatives": "pos_int", "rel_bias": "bool"}
+               "linear_dropout": "prob", "temperature": "pos", "num_negatives": "pos_int", "rel_bias": "bool",
+               "negatives": ("position", "batch")}
 DATA_RULES = {"num_users": "pos_int", "num_items": "pos_int", "dim": "pos_int", "clusters": "pos_int",
               "mean_items": "pos", "min_items": "pos_int", "max_items": "pos_int", "zipf": "nonneg",
               "temperature": "pos", "seed": "int", "min_user_items": "pos_int", "valid_frac": "prob"}

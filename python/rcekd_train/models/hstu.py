@@ -7,12 +7,15 @@ One layer, for input X (B, n, D) with n the padded length:
     A[i, j]    = SiLU(Q_i . K_j + b[i - j]) / n   for j <= i   (causal, pointwise, no softmax)
     Y          = X + W_o(Dropout(U * LayerNorm(A V)))          (per head, heads concatenated)
 
-with b a learned relative-position bias. The input is item embedding * sqrt(D) +
-learned position embedding (with dropout), padding positions are zeroed, and the
-output of the last layer is L2-normalised. Training is next-item prediction with a
-sampled softmax over the positive item and ``num_negatives`` items drawn uniformly
-(shared by all positions of a batch; a negative equal to the positive is masked),
-on L2-normalised item embeddings with a temperature. The representation of a user is
+with b a learned relative-position bias (``rel_bias=False``: b = 0, which is what the
+authors' code computes: it builds the bias module but passes no timestamps to it, so the
+bias is never added). The input is item embedding * sqrt(D) + learned position embedding
+(with dropout), padding positions are zeroed, and the output of the last layer is
+L2-normalised. Training is next-item prediction with a sampled softmax over the positive
+item and ``num_negatives`` items drawn uniformly (``negatives="position"``: a draw for each
+position, as the authors' LocalNegativesSampler; ``"batch"``: one draw shared by all
+positions of a batch; a negative equal to the positive is masked), on L2-normalised item
+embeddings with a temperature. The representation of a user is
 the output at the last position of the training sequence; a score is its dot
 product with the L2-normalised item embedding.
 """
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Recommender, UserBatches, eval_mode
+from .base import Recommender, UserBatches, dot_items, eval_mode
 
 
 def l2norm(x, eps: float = 1e-6):
@@ -65,16 +68,24 @@ class HSTULayer(nn.Module):
         return x + self.out(F.dropout(u * a, p=self.dropout, training=self.training))
 
 
+#: how the sampled softmax draws its negatives: "position" (num_negatives per position, the authors' code:
+#: every position has its own uniform draw) or "batch" (one draw of num_negatives shared by the batch's positions)
+NEGATIVES = ("position", "batch")
+
+
 class HSTU(Recommender):
     name = "hstu"
     base_reduction = "mean"  # the sampled softmax is averaged over the batch's positions
 
     def __init__(self, data, dim: int = 32, blocks: int = 2, heads: int = 1, attn_dim: int = 16,
                  linear_dim: int = 16, max_len: int = 100, dropout: float = 0.5, linear_dropout: float = 0.5,
-                 temperature: float = 0.05, num_negatives: int = 1024, rel_bias: bool = True):
+                 temperature: float = 0.05, num_negatives: int = 1024, rel_bias: bool = True,
+                 negatives: str = "batch"):
         super().__init__(data)
+        if negatives not in NEGATIVES:
+            raise ValueError(f"hstu: negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
         self.dim, self.max_len, self.temperature = dim, max_len, temperature
-        self.num_negatives = num_negatives
+        self.num_negatives, self.negatives = num_negatives, negatives
         self.item_emb = nn.Embedding(self.num_items + 1, dim, padding_idx=0)  # id 0 = padding
         with torch.no_grad():
             self.item_emb.weight.normal_(0, 0.02).clamp_(-0.04, 0.04)
@@ -127,9 +138,15 @@ class HSTU(Recommender):
         q = query[valid]  # (P, D)
         pos_ids = target[valid] - 1
         pos_logit = (q * items[pos_ids]).sum(-1, keepdim=True) / self.temperature
-        neg_ids = torch.randint(0, self.num_items, (self.num_negatives,), device=out.device)
-        neg_logit = (q @ items[neg_ids].T) / self.temperature
-        neg_logit = neg_logit.masked_fill(neg_ids.view(1, -1) == pos_ids.view(-1, 1), float("-inf"))
+        if self.negatives == "position":
+            # (P, R) ids, a draw per position; the scores by gathered_dot (no (P, R, D) copy of the vectors)
+            neg_ids = torch.randint(0, self.num_items, (len(pos_ids), self.num_negatives), device=out.device)
+            neg_logit = dot_items(q, items, neg_ids) / self.temperature
+            neg_logit = neg_logit.masked_fill(neg_ids == pos_ids.view(-1, 1), float("-inf"))
+        else:
+            neg_ids = torch.randint(0, self.num_items, (self.num_negatives,), device=out.device)
+            neg_logit = (q @ items[neg_ids].T) / self.temperature
+            neg_logit = neg_logit.masked_fill(neg_ids.view(1, -1) == pos_ids.view(-1, 1), float("-inf"))
         logits = torch.cat([pos_logit, neg_logit], dim=1)
         loss = -F.log_softmax(logits, dim=1)[:, 0].mean()
         return loss, users, last, items
