@@ -190,3 +190,17 @@ def test_stop_policy_rules_in_order():
     assert p.after_epoch(state(1, 0)) is None
     p.started -= 61
     assert p.after_epoch(state(2, 0)) == "time_limit"
+
+
+@pytest.mark.parametrize("base_weight", [0.0, 2.0])
+def test_base_weight_scales_the_base_loss(tmp_path, teacher_dir, base_weight):
+    """kd.base_weight: the step's loss is base_weight x base + lambda x KD (0: the KD loss alone, as the
+    authors' HetComp once trained); a negative weight is refused when the config is built."""
+    cfg = student_cfg("rcekd", teacher_dir, extra=("train.epochs=2", f"kd.base_weight={base_weight}"))
+    lam = float(cfg["kd"]["lambda"])
+    run_one(cfg, str(tmp_path / "s"), log=quiet)
+    for row in read_history(str(tmp_path / "s")):
+        want = base_weight * row["base_loss"] + lam * row["kd_loss"]
+        assert row["loss"] == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="kd.base_weight"):
+        student_cfg("rcekd", teacher_dir, extra=("kd.base_weight=-1",))

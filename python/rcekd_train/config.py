@@ -240,7 +240,8 @@ def _sections(dataset: str) -> Dict[str, Any]:
     return {"train": dict.fromkeys(packaged("defaults")["train"]),
             "data": dict.fromkeys(DATA_OPTIONS.get(dataset, ())),
             "models": {m: dict.fromkeys(model_args(m)) for m in MODEL_NAMES},
-            "kd": {m: dict.fromkeys(["lambda"] + list(cls.defaults)) for m, cls in METHODS.items() if m != "none"}}
+            "kd": {m: dict.fromkeys(["lambda", "base_weight"] + list(cls.defaults))
+                   for m, cls in METHODS.items() if m != "none"}}
 
 
 def run_schema(cfg: Dict) -> Dict:
@@ -348,6 +349,7 @@ def check(cfg: Dict) -> None:
     kd = dict(cfg.get("kd") or {})
     method = kd.pop("method", "none")
     check_value("kd.lambda", kd.pop("lambda", 0.0), "nonneg")
+    check_value("kd.base_weight", kd.pop("base_weight", 1.0), "nonneg")
     if method != "none":
         from .kd import METHODS
         check_value("kd.method", method, tuple(METHODS))

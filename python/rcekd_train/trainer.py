@@ -50,7 +50,7 @@ from . import config as C
 from . import parallel
 from .evaluate import evaluate_model, metric_names
 from .files import load_torch, remove_stale_temps, save_torch, write_csv, write_json
-from .kd import FrozenTeacher, KDMethod, cache_topk, kd_from_config, kd_lambda, mix_seed
+from .kd import FrozenTeacher, KDMethod, cache_topk, kd_base_weight, kd_from_config, kd_lambda, mix_seed
 from .kd.teacher import TRAJECTORY_DIR, trajectory_path
 from .lock import run_lock
 from .models import build_model, model_hparams
@@ -259,7 +259,7 @@ class Trainer:
         self.ks = tuple(self.t.get("ks", (10, 20)))
         self.metric = self.t.get("early_stop_metric", "ndcg@10")
         self.kd = kd if kd is not None else kd_from_config(cfg, data)
-        self.lam = kd_lambda(cfg)
+        self.lam, self.base_w = kd_lambda(cfg), kd_base_weight(cfg)
         self.skip_nonfinite = self.t.get("nonfinite", "error") == "skip"
         self.shard: Optional[parallel.Shard] = None  # this rank's users and steps (several processes)
         self.scale = (1.0, 1.0)  # the factors of the base and KD losses of a rank's step (see _step)
@@ -456,8 +456,8 @@ class Trainer:
         return losses
 
     def _step(self, live: Live, batch):
-        """One optimisation step on base + lambda x KD: (loss, base loss, KD loss or None, KD diagnostics);
-        None for a step skipped for its non-finite loss (``train.nonfinite: skip``: a host synchronisation
+        """One optimisation step on base_weight x base + lambda x KD: (loss, base loss, KD loss or None, KD
+        diagnostics); None for a step skipped for its non-finite loss (``train.nonfinite: skip``: a host synchronisation
         per step)."""
         base, users, uv, iv = live.net(batch)
         kd_loss, diag = None, {}
@@ -468,7 +468,7 @@ class Trainer:
             # factors of _shard; DDP's average of the ranks' gradients is then the gradient of the whole step
             base = base * self.scale[0]
             kd_loss = None if kd_loss is None else kd_loss * self.scale[1]
-        loss = base + self.lam * kd_loss if kd_loss is not None else base
+        loss = self.base_w * base + self.lam * kd_loss if kd_loss is not None else base
         live.state["step"] += 1
         if self.skip_nonfinite and not self.par.distributed and not bool(torch.isfinite(loss)):
             return None
