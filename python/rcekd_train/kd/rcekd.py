@@ -29,6 +29,7 @@ docs/KD_METHODS.md); every variant uses the same sets QS, A, QT of ``rcekd_kerne
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 
@@ -103,17 +104,18 @@ class RCEKD(KDMethod):
         return dict(K=h["K"], M=h["M"], L=h["L"], T=float(h["T"]), beta=float(h["beta"]), mode=h["mode"],
                     backend=h["backend"])
 
-    def _select(self, uvecs: torch.Tensor, iv: torch.Tensor, users: torch.Tensor, seed: int, validate: bool
-                ) -> Selection:
+    def _select(self, uvecs: torch.Tensor, iv: torch.Tensor, users: torch.Tensor, seed: int, validate: bool,
+                scores: Optional[torch.Tensor] = None) -> Selection:
         """The sets of these users from the student's vectors (no gradient): by ``select_embeddings`` (the
         student's top-M tile by tile, the training items excluded sparsely; no (B, N) scores), or with
         ``scoring: dense`` by ``select`` on the full score rows (the path before; the same sets whenever the
-        products are the same numbers)."""
+        products are the same numbers); ``scores``: the dense path's rows when the caller has them already."""
         h = self.hp
         qt = self.teacher.topk(users, h["K"])
         if h["scoring"] == "dense":
             exclude = self.data.train_mask_rows(users) if h["exclude_train"] else None
-            return select(dot_all(uvecs, iv), teacher_topk=qt, seed=seed, row_ids=users, exclude=exclude,
+            rows = dot_all(uvecs, iv) if scores is None else scores
+            return select(rows, teacher_topk=qt, seed=seed, row_ids=users, exclude=exclude,
                           validate=validate, **self._common())
         exclude = self.data.train_exclusion(users) if h["exclude_train"] else None
         return select_embeddings(uvecs, iv, qt, exclude=exclude, seed=seed, row_ids=users, validate=validate,
@@ -180,10 +182,11 @@ class RCEKD(KDMethod):
         else:
             # the sets of this batch (the same seed and rows as the fused loss would use), then the scores of the
             # student (with gradient) and of the teacher at the 2K + L selected items only
+            s = dot_all(user_vecs, item_vecs) if h["scoring"] == "dense" else None  # the rows, computed once
             sel = self._select(user_vecs.detach(), item_vecs.detach(), users, mix_seed(self.seed, step, 2),
-                               self._validate())
-            if h["scoring"] == "dense":
-                s_g = dot_all(user_vecs, item_vecs).gather(1, sel.indices)
+                               self._validate(), None if s is None else s.detach())
+            if s is not None:
+                s_g = s.gather(1, sel.indices)
                 t_g = self.teacher.score_rows(users).gather(1, sel.indices)
             else:
                 s_g = dot_items(user_vecs, item_vecs, sel.indices)
