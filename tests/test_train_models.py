@@ -59,6 +59,43 @@ def test_lightgcn_layer_mean_and_one_propagation_per_step(data):
     assert torch.allclose(g, m.user_emb.weight.grad, atol=1e-4)
 
 
+@pytest.mark.parametrize("dim,block", [(150, 64), (8, 64), (130, 1)])
+def test_lightgcn_column_blocks_equal_layer_by_layer_products(data, dim, block):
+    """The blocked layer mean (forward and backward) gives exactly the values of layer-by-layer
+    sparse products through autograd, whatever the block width (a row's sums keep their order)."""
+    from rcekd_train.models import lightgcn as L
+
+    torch.manual_seed(0)
+    adj = normalized_adjacency(data, "csr")
+    x = torch.randn(data.num_users + data.num_items, dim, requires_grad=True)
+    g = torch.randn_like(x)
+    out = L._LayerMean.apply(adj, x, 3, block)
+    (out * g).sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    dense = adj.to_dense()
+
+    class Sym(torch.autograd.Function):  # the former implementation: one node per layer
+        @staticmethod
+        def forward(ctx, x):
+            return torch.sparse.mm(adj, x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.sparse.mm(adj, grad)
+
+    total, y = x, x
+    for _ in range(3):
+        y = Sym.apply(y)
+        total = total + y
+    want = total / 4
+    (want * g).sum().backward()
+    assert torch.equal(out, want)
+    assert torch.equal(gx, x.grad)
+    # and both are the formula, with a dense adjacency
+    assert torch.allclose(out, (x + dense @ x + dense @ dense @ x + dense @ dense @ dense @ x) / 4, atol=1e-5)
+
+
 def test_bpr_negatives_exclude_positives(data):
     pb = PairBatches(data, 50)
     g = torch.Generator().manual_seed(1)

@@ -34,21 +34,63 @@ def normalized_adjacency(data, fmt: str = "csr") -> torch.Tensor:
         adj = torch.sparse_coo_tensor(idx, torch.from_numpy(vals).float(), (U + I, U + I)).coalesce()
         if fmt == "csr":
             adj = adj.to_sparse_csr()
+            if adj.shape[0] < 2 ** 31 and adj._nnz() < 2 ** 31:  # int32 indices: CPU products 1.7x faster
+                adj = torch.sparse_csr_tensor(adj.crow_indices().int(), adj.col_indices().int(), adj.values(),
+                                              adj.shape)
     return adj
 
 
-class _SymmetricSpMM(torch.autograd.Function):
-    """adj @ x for a symmetric sparse adj: the backward is adj @ grad too (faster than the generic
-    sparse backward, which transposes a CSR matrix each time)."""
+#: columns per block of the propagation: (U + I) x 64 float32 rows stay in the cache through all the
+#: layers, where a whole (U + I) x D matrix (243 MB for CiteULike at D = 2000) streams from memory at
+#: every sparse product (the three layers at D = 2000 on one thread: 1.1 s against 2.4 s, min of 6)
+COLUMN_BLOCK = 64
+
+
+def _layer_mean(adj: torch.Tensor, x: torch.Tensor, layers: int, block: int) -> torch.Tensor:
+    """(x + adj x + ... + adj^layers x) / (layers + 1), column block by column block (the sums of
+    each row are those of whole-matrix products: a row's products are added in the same order)."""
+    out = torch.empty_like(x)
+    for c in range(0, x.shape[1], block):
+        xc = x[:, c:c + block].contiguous()
+        total, y = xc.clone(), xc
+        for _ in range(layers):
+            y = torch.sparse.mm(adj, y)
+            total += y
+        out[:, c:c + block] = total / (layers + 1)
+    return out
+
+
+def _layer_mean_backward(adj: torch.Tensor, g: torch.Tensor, layers: int, block: int) -> torch.Tensor:
+    """The gradient of ``_layer_mean`` for a symmetric adj, h + adj (h + adj (h + ...)) with
+    h = g / (layers + 1): the order in which autograd adds the terms through the layer-by-layer
+    graph, so the gradient is the same as through separate products."""
+    out = torch.empty_like(g)
+    for c in range(0, g.shape[1], block):
+        h = g[:, c:c + block] / (layers + 1)
+        acc = h
+        for _ in range(layers):
+            acc = h + torch.sparse.mm(adj, acc)
+        out[:, c:c + block] = acc
+    return out
+
+
+class _LayerMean(torch.autograd.Function):
+    """The layer-mean readout of LightGCN as one autograd node: the forward and the backward each run
+    ``layers`` sparse products per column block, with no (U + I) x D intermediate kept for the backward
+    (adj is symmetric, so the backward is the same propagation of the gradient)."""
 
     @staticmethod
-    def forward(ctx, adj, x):
-        ctx.adj = adj
-        return torch.sparse.mm(adj, x)
+    def forward(ctx, adj, x, layers, block):
+        ctx.adj, ctx.layers, ctx.block = adj, layers, block
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _layer_mean(adj, x, layers, block)
 
     @staticmethod
     def backward(ctx, grad):
-        return None, torch.sparse.mm(ctx.adj, grad)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return None, _layer_mean_backward(ctx.adj, grad.contiguous(), ctx.layers, ctx.block), None, None
 
 
 class LightGCN(Recommender):
@@ -76,13 +118,8 @@ class LightGCN(Recommender):
         """(all user vectors, all item vectors) after the layer-mean readout."""
         self.propagations += 1
         x = torch.cat([self.user_emb.weight, self.item_emb.weight])
-        total = x
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(self.layers):
-                x = _SymmetricSpMM.apply(self.adj, x)
-                total = total + x
-        out = total / (self.layers + 1)
+        block = COLUMN_BLOCK if x.device.type == "cpu" else x.shape[1]  # a GPU streams whole matrices
+        out = _LayerMean.apply(self.adj, x, self.layers, block)
         return out[: self.num_users], out[self.num_users:]
 
     def represent(self, users):

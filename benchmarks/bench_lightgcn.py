@@ -1,0 +1,110 @@
+"""LightGCN's propagation: the training step of a LightGCN teacher with the former layer-by-layer
+sparse products (one autograd node per layer, int64 CSR indices) against the blocked layer mean of
+``rcekd_train.models.lightgcn`` (64 columns at a time through every layer, int32 indices). Both give
+the same numbers (``tests/test_train_models.py``); this measures the time.
+
+    python benchmarks/bench_lightgcn.py --dataset citeulike --data-dir DIR --dim 2000 --repeats 5
+
+A step: propagation, BPR loss of a random batch, backward, Adam. The two variants run interleaved on
+the same model, one thread unless ``--threads``; min and median per variant, written to ``--csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+
+from rcekd_train.data import load_dataset  # noqa: E402
+from rcekd_train.models import lightgcn as L  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="citeulike")
+    ap.add_argument("--data-dir", default=None, help="the datasets' folder (default: $RCEKD_DATA)")
+    ap.add_argument("--dim", type=int, default=2000, help="embedding size (the authors' teacher: 2000)")
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=5, help="steps per variant (after one warm-up each)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--csv", default=None, help="append the results to this CSV file")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    data = load_dataset(a.dataset, a.data_dir)
+    model = L.LightGCN(data, dim=a.dim, layers=a.layers)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-7)
+    adj = model.adj
+    adj64 = torch.sparse_csr_tensor(adj.crow_indices().long(), adj.col_indices().long(), adj.values(), adj.shape)
+
+    class PerLayer(torch.autograd.Function):  # the former implementation
+        @staticmethod
+        def forward(ctx, x):
+            return torch.sparse.mm(adj64, x)
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.sparse.mm(adj64, g)
+
+    def per_layer():
+        x = torch.cat([model.user_emb.weight, model.item_emb.weight])
+        total = x
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(a.layers):
+                x = PerLayer.apply(x)
+                total = total + x
+        out = total / (a.layers + 1)
+        return out[: model.num_users], out[model.num_users:]
+
+    g = torch.Generator().manual_seed(0)
+
+    def step(prop):
+        n = a.batch_size
+        users = torch.randint(0, data.num_users, (n,), generator=g)
+        pos, neg = (torch.randint(0, data.num_items, (n,), generator=g) for _ in range(2))
+        u, i = prop()
+        loss = L.bpr_loss(u[users], i, pos, neg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    variants = (("per_layer_int64", per_layer), ("blocked_int32", model.propagate))
+    times = {k: [] for k, _ in variants}
+    for _, f in variants:
+        step(f)  # warm-up
+    for _ in range(a.repeats):
+        for k, f in variants:
+            t = time.perf_counter()
+            step(f)
+            times[k].append(time.perf_counter() - t)
+    base = statistics.median(times["per_layer_int64"])
+    rows = []
+    for k, v in times.items():
+        med = statistics.median(v)
+        rows.append(dict(date=_dt.datetime.now().isoformat(timespec="seconds"), machine=platform.processor() or
+                         platform.machine(), threads=a.threads, dataset=a.dataset, nodes=adj.shape[0],
+                         nnz=adj._nnz(), dim=a.dim, layers=a.layers, variant=k, min_s=round(min(v), 4),
+                         median_s=round(med, 4), speedup_vs_per_layer=round(base / med, 3)))
+        print(f"{k:16s} min {min(v):.3f} s  median {med:.3f} s  speed-up {base / med:.2f}x")
+    if a.csv:
+        new = not os.path.exists(a.csv)
+        with open(a.csv, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                w.writeheader()
+            w.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
