@@ -11,18 +11,16 @@ the same model, one thread unless ``--threads``; min and median per variant, wri
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import os
-import platform
-import statistics
 import sys
-import time
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _interleaved import report, time_interleaved  # noqa: E402
 
 from rcekd_train.data import load_dataset  # noqa: E402
 from rcekd_train.models import lightgcn as L  # noqa: E402
@@ -78,31 +76,10 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
 
-    variants = (("per_layer_int64", per_layer), ("blocked_int32", model.propagate))
-    times = {k: [] for k, _ in variants}
-    for _, f in variants:
-        step(f)  # warm-up
-    for _ in range(a.repeats):
-        for k, f in variants:
-            t = time.perf_counter()
-            step(f)
-            times[k].append(time.perf_counter() - t)
-    base = statistics.median(times["per_layer_int64"])
-    rows = []
-    for k, v in times.items():
-        med = statistics.median(v)
-        rows.append(dict(date=_dt.datetime.now().isoformat(timespec="seconds"), machine=platform.processor() or
-                         platform.machine(), threads=a.threads, dataset=a.dataset, nodes=adj.shape[0],
-                         nnz=adj._nnz(), dim=a.dim, layers=a.layers, variant=k, min_s=round(min(v), 4),
-                         median_s=round(med, 4), speedup_vs_per_layer=round(base / med, 3)))
-        print(f"{k:16s} min {min(v):.3f} s  median {med:.3f} s  speed-up {base / med:.2f}x")
-    if a.csv:
-        new = not os.path.exists(a.csv)
-        with open(a.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+    variants = (("per_layer_int64", lambda: step(per_layer)), ("blocked_int32", lambda: step(model.propagate)))
+    times = time_interleaved(variants, a.repeats)
+    report(times, dict(threads=a.threads, dataset=a.dataset, nodes=adj.shape[0], nnz=adj._nnz(), dim=a.dim,
+                       layers=a.layers), a.csv)
     return 0
 
 

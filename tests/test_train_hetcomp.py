@@ -92,6 +92,37 @@ def test_losses_against_hand_loops(stage):
         assert float(s_req.grad[0, j]) == pytest.approx(fd, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("stage", ["overall", "rank"])
+@pytest.mark.parametrize("block", [1, 3, 100])
+def test_losses_from_vectors_equal_the_full_rows(stage, block):
+    """The block-by-block losses from the vectors (no (B, N) tensor kept) against the (B, N) formulas
+    above (themselves checked by hand loops): values and both gradients, with some scores beyond the
+    clamp (zero gradient there) and blocks that do not divide the batch."""
+    from rcekd_train.kd.hetcomp import hetcomp_overall_from_vectors, hetcomp_rank_from_vectors
+
+    torch.manual_seed(2)
+    B, N, D, K, clamp = 7, 40, 5, 10, 3.0
+    u = (torch.randn(B, D, dtype=torch.float64) * 1.5).requires_grad_(True)
+    v = (torch.randn(N, D, dtype=torch.float64) * 1.5).requires_grad_(True)
+    mask = torch.rand(B, N) < 0.15
+    pos = torch.stack([torch.randperm(N)[:2] for _ in range(B)])
+    mask[torch.arange(B)[:, None], pos] = True
+    targets = torch.stack([torch.tensor([j for j in torch.randperm(N).tolist() if not mask[r, j]][:K])
+                           for r in range(B)])
+    raw = u @ v.T
+    assert ((raw.abs() > clamp).sum() > 10) and ((raw.abs() < clamp).sum() > 10)
+    full = hetcomp_overall_rows if stage == "overall" else hetcomp_rank_rows
+    want = full(raw.clamp(-clamp, clamp), mask, targets, pos)
+    w = torch.rand(B, dtype=torch.float64)
+    gu, gv = torch.autograd.grad((want * w).sum(), (u, v))
+    fn = hetcomp_overall_from_vectors if stage == "overall" else hetcomp_rank_from_vectors
+    got = fn(u, v, clamp, lambda rows: mask[rows], targets, pos, block=block)
+    hu, hv = torch.autograd.grad((got * w).sum(), (u, v))
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    assert torch.allclose(hu, gu, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(hv, gv, rtol=1e-10, atol=1e-12)
+
+
 def test_choose_checkpoints():
     assert choose_checkpoints([50, 100, 150], 120, 2) == [50, 100]      # the authors' interval 50, best 120
     assert choose_checkpoints(list(range(10, 200, 10)), 90, 2) == [30, 60]

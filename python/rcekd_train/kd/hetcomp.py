@@ -31,7 +31,7 @@ import torch
 
 from ..files import load_torch
 from ..models.base import eval_mode
-from .base import KDMethod, dot_all
+from .base import KDMethod
 from .teacher import list_trajectory, topk_from_vectors
 
 Tensor = torch.Tensor
@@ -96,6 +96,87 @@ def hetcomp_rank_rows(s: Tensor, train_mask: Tensor, targets: Tensor, pos: Tenso
     log_tenth = _log_sum_outside(s, _mask_of(tenth, s.shape[1], train_mask))
     pos_loss = _pl_rows(s.gather(1, pos), log_half)
     top_loss = _pl_rows(s.gather(1, half), log_half) + _pl_rows(s.gather(1, tenth), log_tenth)
+    return pos_loss + top_loss / 2.0
+
+
+#: scores per block of rows of the fused losses on the CPU (about 4 MB of float32: a block's (b, N) scores
+#: and masks stay in the cache through every elementwise pass)
+CPU_BLOCK_ELEMS = 1 << 20
+
+
+class _ComplementLSE(torch.autograd.Function):
+    """From the vectors, without a (B, N) tensor kept for the backward: per row, for each exclusion list
+    E_m, log sum_{k unobserved, k not in E_m} exp(s_k), and s at ``gather_idx``, with
+    s = clamp(user_vecs @ item_vecs.T, -clamp, clamp). Rows are taken ``block`` at a time; the backward
+    recomputes each block's scores. The values are those of the (B, N) formulas (``hetcomp_*_rows``),
+    the item gradient up to the order of its sums over rows."""
+
+    @staticmethod
+    def forward(ctx, u, v, clamp, mask_rows, gather_idx, block, *excluded):
+        B = u.shape[0]
+        lse = u.new_empty(B, len(excluded))
+        got = u.new_empty(B, gather_idx.shape[1])
+        for r0 in range(0, B, block):
+            sl = slice(r0, r0 + block)
+            s = (u[sl] @ v.T).clamp_(-clamp, clamp)
+            base = mask_rows(sl)
+            got[sl] = s.gather(1, gather_idx[sl])
+            for j, ex in enumerate(excluded):
+                lse[sl, j] = _log_sum_outside(s, _mask_of(ex[sl], s.shape[1], base))
+        ctx.save_for_backward(u, v, lse, gather_idx, *excluded)
+        ctx.clamp, ctx.mask_rows, ctx.block = clamp, mask_rows, block
+        return lse, got
+
+    @staticmethod
+    def backward(ctx, g_lse, g_got):
+        u, v, lse, gather_idx, *excluded = ctx.saved_tensors
+        c = ctx.clamp
+        du, dv = torch.empty_like(u), torch.zeros_like(v)
+        for r0 in range(0, u.shape[0], ctx.block):
+            sl = slice(r0, r0 + ctx.block)
+            raw = u[sl] @ v.T
+            s = raw.clamp(-c, c)
+            base = ctx.mask_rows(sl)
+            ds = torch.zeros_like(s)
+            for j, ex in enumerate(excluded):  # d lse / d s_k = softmax over the complement
+                p = (s - lse[sl, j:j + 1]).exp_().masked_fill_(_mask_of(ex[sl], s.shape[1], base), 0)
+                ds.addcmul_(p, g_lse[sl, j:j + 1])
+            ds.scatter_add_(1, gather_idx[sl], g_got[sl])
+            ds.masked_fill_((raw < -c) | (raw > c), 0)  # clamp's gradient
+            du[sl] = ds @ v
+            dv.addmm_(ds.T, u[sl])
+        return (du, dv, None, None, None, None) + (None,) * len(excluded)
+
+
+def complement_lse(user_vecs: Tensor, item_vecs: Tensor, clamp: float, mask_rows, gather_idx: Tensor,
+                   excluded: List[Tensor], block: Optional[int] = None):
+    """(lse (B, len(excluded)), s at gather_idx (B, W)) of ``_ComplementLSE``; ``mask_rows(rows)``: the
+    (b, N) bool training mask of a slice of the batch's rows. ``block`` rows at a time (default: about
+    ``CPU_BLOCK_ELEMS`` scores on the CPU, the whole batch on a GPU)."""
+    if block is None:
+        N = item_vecs.shape[0]
+        block = max(1, CPU_BLOCK_ELEMS // max(N, 1)) if user_vecs.device.type == "cpu" else user_vecs.shape[0]
+    return _ComplementLSE.apply(user_vecs, item_vecs, float(clamp), mask_rows, gather_idx, int(max(block, 1)),
+                                *excluded)
+
+
+def hetcomp_overall_from_vectors(user_vecs, item_vecs, clamp, mask_rows, targets, pos, block=None) -> Tensor:
+    """``hetcomp_overall_rows`` of s = clamp(user_vecs @ item_vecs.T), computed block by block."""
+    lse, x = complement_lse(user_vecs, item_vecs, clamp, mask_rows, torch.cat([pos, targets], dim=1), [targets],
+                            block)
+    return -2.0 * (x - torch.logaddexp(x, lse[:, :1])).sum(1)
+
+
+def hetcomp_rank_from_vectors(user_vecs, item_vecs, clamp, mask_rows, targets, pos, block=None) -> Tensor:
+    """``hetcomp_rank_rows`` of s = clamp(user_vecs @ item_vecs.T), computed block by block."""
+    K = targets.shape[1]
+    half, tenth = targets[:, :max(K // 2, 1)], targets[:, :max(K // 10, 1)]
+    lse, x = complement_lse(user_vecs, item_vecs, clamp, mask_rows, torch.cat([pos, half, tenth], dim=1),
+                            [half, tenth], block)
+    P, H = pos.shape[1], half.shape[1]
+    log_half, log_tenth = lse[:, 0], lse[:, 1]
+    pos_loss = _pl_rows(x[:, :P], log_half)
+    top_loss = _pl_rows(x[:, P:P + H], log_half) + _pl_rows(x[:, P + H:], log_tenth)
     return pos_loss + top_loss / 2.0
 
 
@@ -251,11 +332,13 @@ class HetComp(KDMethod):
                            "rank_stage": torch.tensor(float(self.rank_stage), device=dev)}
 
     def rows(self, users, user_vecs, item_vecs, step, weights):
-        c = float(self.hp["clamp"])
-        s = dot_all(user_vecs, item_vecs).clamp(-c, c)  # as the authors' code (keeps exp finite)
-        mask = self.data.train_mask_rows(users)
-        fn = hetcomp_rank_rows if self.rank_stage else hetcomp_overall_rows
-        return fn(s, mask, self.targets[users], self.pos[users]), dict(self.epoch_diag)
+        # s = clamp(user_vecs @ item_vecs.T) as the authors' code (keeps exp finite), by blocks of rows
+        def mask_rows(rows):
+            return self.data.train_mask_rows(users[rows])
+
+        fn = hetcomp_rank_from_vectors if self.rank_stage else hetcomp_overall_from_vectors
+        return (fn(user_vecs, item_vecs, float(self.hp["clamp"]), mask_rows, self.targets[users], self.pos[users]),
+                dict(self.epoch_diag))
 
 
 def _best_epoch(run_dir: str) -> int:
