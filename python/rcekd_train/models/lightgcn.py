@@ -46,51 +46,69 @@ def normalized_adjacency(data, fmt: str = "csr") -> torch.Tensor:
 COLUMN_BLOCK = 64
 
 
-def _layer_mean(adj: torch.Tensor, x: torch.Tensor, layers: int, block: int) -> torch.Tensor:
-    """(x + adj x + ... + adj^layers x) / (layers + 1), column block by column block (the sums of
-    each row are those of whole-matrix products: a row's products are added in the same order)."""
-    out = torch.empty_like(x)
-    for c in range(0, x.shape[1], block):
-        xc = x[:, c:c + block].contiguous()
+def _rows_block(parts, c: int, block: int) -> torch.Tensor:
+    """Columns [c, c + block) of the row-wise concatenation of ``parts``, contiguous."""
+    return torch.cat([p[:, c:c + block] for p in parts]) if len(parts) > 1 else parts[0][:, c:c + block].contiguous()
+
+
+def _write_rows_block(outs, c: int, block: int, value: torch.Tensor) -> None:
+    r = 0
+    for o in outs:
+        o[:, c:c + block] = value[r:r + o.shape[0]]
+        r += o.shape[0]
+
+
+def _layer_mean(adj: torch.Tensor, parts, layers: int, block: int):
+    """(x + adj x + ... + adj^layers x) / (layers + 1) for x the rows of ``parts`` one after the other
+    (users then items: no (U + I) x D concatenation), returned split as ``parts`` are; column block by
+    column block (the sums of each row are those of whole-matrix products: a row's products are added
+    in the same order)."""
+    outs = [torch.empty_like(p) for p in parts]
+    for c in range(0, parts[0].shape[1], block):
+        xc = _rows_block(parts, c, block)
         total, y = xc.clone(), xc
         for _ in range(layers):
             y = torch.sparse.mm(adj, y)
             total += y
-        out[:, c:c + block] = total / (layers + 1)
-    return out
+        _write_rows_block(outs, c, block, total / (layers + 1))
+    return outs
 
 
-def _layer_mean_backward(adj: torch.Tensor, g: torch.Tensor, layers: int, block: int) -> torch.Tensor:
+def _layer_mean_backward(adj: torch.Tensor, grads, layers: int, block: int):
     """The gradient of ``_layer_mean`` for a symmetric adj, h + adj (h + adj (h + ...)) with
     h = g / (layers + 1): the order in which autograd adds the terms through the layer-by-layer
     graph, so the gradient is the same as through separate products."""
-    out = torch.empty_like(g)
-    for c in range(0, g.shape[1], block):
-        h = g[:, c:c + block] / (layers + 1)
+    outs = [torch.empty_like(g) for g in grads]
+    for c in range(0, grads[0].shape[1], block):
+        h = _rows_block(grads, c, block) / (layers + 1)
         acc = h
         for _ in range(layers):
             acc = h + torch.sparse.mm(adj, acc)
-        out[:, c:c + block] = acc
-    return out
+        _write_rows_block(outs, c, block, acc)
+    return outs
 
 
 class _LayerMean(torch.autograd.Function):
-    """The layer-mean readout of LightGCN as one autograd node: the forward and the backward each run
-    ``layers`` sparse products per column block, with no (U + I) x D intermediate kept for the backward
-    (adj is symmetric, so the backward is the same propagation of the gradient)."""
+    """The layer-mean readout of LightGCN as one autograd node, from the user and the item embeddings to
+    the propagated user and item vectors: the forward and the backward each run ``layers`` sparse
+    products per column block, with no (U + I) x D intermediate kept for the backward (adj is
+    symmetric, so the backward is the same propagation of the gradient)."""
 
     @staticmethod
-    def forward(ctx, adj, x, layers, block):
+    def forward(ctx, adj, user_emb, item_emb, layers, block):
         ctx.adj, ctx.layers, ctx.block = adj, layers, block
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _layer_mean(adj, x, layers, block)
+            u, i = _layer_mean(adj, [user_emb, item_emb], layers, block)
+        return u, i
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, g_user, g_item):
+        grads = [g.contiguous() for g in (g_user, g_item)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return None, _layer_mean_backward(ctx.adj, grad.contiguous(), ctx.layers, ctx.block), None, None
+            du, di = _layer_mean_backward(ctx.adj, grads, ctx.layers, ctx.block)
+        return None, du, di, None, None
 
 
 class LightGCN(Recommender):
@@ -117,10 +135,9 @@ class LightGCN(Recommender):
     def propagate(self):
         """(all user vectors, all item vectors) after the layer-mean readout."""
         self.propagations += 1
-        x = torch.cat([self.user_emb.weight, self.item_emb.weight])
-        block = COLUMN_BLOCK if x.device.type == "cpu" else x.shape[1]  # a GPU streams whole matrices
-        out = _LayerMean.apply(self.adj, x, self.layers, block)
-        return out[: self.num_users], out[self.num_users:]
+        ue, ie = self.user_emb.weight, self.item_emb.weight
+        block = COLUMN_BLOCK if ue.device.type == "cpu" else ue.shape[1]  # a GPU streams whole matrices
+        return _LayerMean.apply(self.adj, ue, ie, self.layers, block)
 
     def represent(self, users):
         u, i = self.propagate()
