@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import gc
 import json
 import os
 import socket
@@ -256,7 +257,8 @@ def worker(a) -> None:
         with open(a.json, "w") as f:
             json.dump(rows_out, f)
     dist.barrier()
-    dist.destroy_process_group()
+    gc.collect()  # what a reference cycle still holds of the group frees now, not at the interpreter's
+    dist.destroy_process_group()  # exit, where freeing gloo's threads can abort (parallel.Session.close)
 
 
 # ------------------------------------------------------------------------- the driver

@@ -11,6 +11,7 @@ every product and sum is exact.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import traceback
@@ -264,7 +265,8 @@ def worker(rank: int, world: int, port: int, outdir: str) -> None:
         out["crash"] = traceback.format_exc()
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     dist.barrier()
-    dist.destroy_process_group()
+    gc.collect()  # what a reference cycle still holds of the group frees now, not at the interpreter's
+    dist.destroy_process_group()  # exit, where freeing gloo's threads can abort (parallel.Session.close)
 
 
 if __name__ == "__main__":
