@@ -79,24 +79,37 @@ def _mask_of(items: Tensor, N: int, base: Tensor) -> Tensor:
     return base.clone().scatter_(1, items, True)
 
 
+def _overall_from(x: Tensor, log_els: Tensor) -> Tensor:
+    """The overall loss per row from s at pos ∪ targets (B, P + K) and log E_T (B,)."""
+    return -2.0 * (x - torch.logaddexp(x, log_els.unsqueeze(1))).sum(1)
+
+
+def _prefixes(targets: Tensor):
+    """The targets' first K/2 and K/10 (at least one each)."""
+    K = targets.shape[1]
+    return targets[:, :max(K // 2, 1)], targets[:, :max(K // 10, 1)]
+
+
+def _rank_from(x_pos: Tensor, x_half: Tensor, x_tenth: Tensor, log_half: Tensor, log_tenth: Tensor) -> Tensor:
+    """The ranking loss per row from s at pos, at the targets' first K/2 and K/10, and log E of each prefix."""
+    top = _pl_rows(x_half, log_half) + _pl_rows(x_tenth, log_tenth)
+    return _pl_rows(x_pos, log_half) + top / 2.0
+
+
 def hetcomp_overall_rows(s: Tensor, train_mask: Tensor, targets: Tensor, pos: Tensor) -> Tensor:
     """Overall stage: -2 sum_{x in pos ∪ targets} [ s_x - log( exp(s_x) + sum_{k unobserved, k not in targets}
     exp(s_k) ) ] per row (s: the student's full rows (B, N))."""
     log_els = _log_sum_outside(s, _mask_of(targets, s.shape[1], train_mask))
-    x = s.gather(1, torch.cat([pos, targets], dim=1))
-    return -2.0 * (x - torch.logaddexp(x, log_els.unsqueeze(1))).sum(1)
+    return _overall_from(s.gather(1, torch.cat([pos, targets], dim=1)), log_els)
 
 
 def hetcomp_rank_rows(s: Tensor, train_mask: Tensor, targets: Tensor, pos: Tensor) -> Tensor:
     """Ranking stage: PL(pos | below_half) + [PL(targets[:K/2] | below_half) + PL(targets[:K/10] | below_tenth)] / 2,
     below_X = the unobserved items outside X (the targets' prefix)."""
-    K = targets.shape[1]
-    half, tenth = targets[:, :max(K // 2, 1)], targets[:, :max(K // 10, 1)]
+    half, tenth = _prefixes(targets)
     log_half = _log_sum_outside(s, _mask_of(half, s.shape[1], train_mask))
     log_tenth = _log_sum_outside(s, _mask_of(tenth, s.shape[1], train_mask))
-    pos_loss = _pl_rows(s.gather(1, pos), log_half)
-    top_loss = _pl_rows(s.gather(1, half), log_half) + _pl_rows(s.gather(1, tenth), log_tenth)
-    return pos_loss + top_loss / 2.0
+    return _rank_from(s.gather(1, pos), s.gather(1, half), s.gather(1, tenth), log_half, log_tenth)
 
 
 #: scores per block of rows of the fused losses on the CPU (about 4 MB of float32: a block's (b, N) scores
@@ -164,20 +177,16 @@ def hetcomp_overall_from_vectors(user_vecs, item_vecs, clamp, mask_rows, targets
     """``hetcomp_overall_rows`` of s = clamp(user_vecs @ item_vecs.T), computed block by block."""
     lse, x = complement_lse(user_vecs, item_vecs, clamp, mask_rows, torch.cat([pos, targets], dim=1), [targets],
                             block)
-    return -2.0 * (x - torch.logaddexp(x, lse[:, :1])).sum(1)
+    return _overall_from(x, lse[:, 0])
 
 
 def hetcomp_rank_from_vectors(user_vecs, item_vecs, clamp, mask_rows, targets, pos, block=None) -> Tensor:
     """``hetcomp_rank_rows`` of s = clamp(user_vecs @ item_vecs.T), computed block by block."""
-    K = targets.shape[1]
-    half, tenth = targets[:, :max(K // 2, 1)], targets[:, :max(K // 10, 1)]
+    half, tenth = _prefixes(targets)
     lse, x = complement_lse(user_vecs, item_vecs, clamp, mask_rows, torch.cat([pos, half, tenth], dim=1),
                             [half, tenth], block)
-    P, H = pos.shape[1], half.shape[1]
-    log_half, log_tenth = lse[:, 0], lse[:, 1]
-    pos_loss = _pl_rows(x[:, :P], log_half)
-    top_loss = _pl_rows(x[:, P:P + H], log_half) + _pl_rows(x[:, P + H:], log_tenth)
-    return pos_loss + top_loss / 2.0
+    x_pos, x_half, x_tenth = torch.split(x, [pos.shape[1], half.shape[1], tenth.shape[1]], dim=1)
+    return _rank_from(x_pos, x_half, x_tenth, lse[:, 0], lse[:, 1])
 
 
 def choose_checkpoints(kept: List[int], best_epoch: int, n: int) -> List[int]:

@@ -58,33 +58,30 @@ def _write_rows_block(outs, c: int, block: int, value: torch.Tensor) -> None:
         r += o.shape[0]
 
 
-def _layer_mean(adj: torch.Tensor, parts, layers: int, block: int):
-    """(x + adj x + ... + adj^layers x) / (layers + 1) for x the rows of ``parts`` one after the other
-    (users then items: no (U + I) x D concatenation), returned split as ``parts`` are; column block by
-    column block (the sums of each row are those of whole-matrix products: a row's products are added
-    in the same order)."""
+def _layer_mean(adj: torch.Tensor, parts, layers: int, block: int, backward: bool = False):
+    """For x the rows of ``parts`` one after the other (users then items: no (U + I) x D concatenation),
+    returned split as ``parts`` are, column block by column block:
+
+    * forward: (x + adj x + ... + adj^layers x) / (layers + 1) (the sums of each row are those of
+      whole-matrix products: a row's products are added in the same order);
+    * ``backward`` (x is the gradient, adj symmetric): h + adj (h + adj (h + ...)) with
+      h = x / (layers + 1), the order in which autograd adds the terms through the layer-by-layer
+      graph, so the gradient is the same as through separate products."""
     outs = [torch.empty_like(p) for p in parts]
     for c in range(0, parts[0].shape[1], block):
         xc = _rows_block(parts, c, block)
-        total, y = xc.clone(), xc
-        for _ in range(layers):
-            y = torch.sparse.mm(adj, y)
-            total += y
-        _write_rows_block(outs, c, block, total / (layers + 1))
-    return outs
-
-
-def _layer_mean_backward(adj: torch.Tensor, grads, layers: int, block: int):
-    """The gradient of ``_layer_mean`` for a symmetric adj, h + adj (h + adj (h + ...)) with
-    h = g / (layers + 1): the order in which autograd adds the terms through the layer-by-layer
-    graph, so the gradient is the same as through separate products."""
-    outs = [torch.empty_like(g) for g in grads]
-    for c in range(0, grads[0].shape[1], block):
-        h = _rows_block(grads, c, block) / (layers + 1)
-        acc = h
-        for _ in range(layers):
-            acc = h + torch.sparse.mm(adj, acc)
-        _write_rows_block(outs, c, block, acc)
+        if backward:
+            h = xc / (layers + 1)
+            res = h
+            for _ in range(layers):
+                res = h + torch.sparse.mm(adj, res)
+        else:
+            res, y = xc.clone(), xc
+            for _ in range(layers):
+                y = torch.sparse.mm(adj, y)
+                res += y
+            res = res / (layers + 1)
+        _write_rows_block(outs, c, block, res)
     return outs
 
 
@@ -107,7 +104,7 @@ class _LayerMean(torch.autograd.Function):
         grads = [g.contiguous() for g in (g_user, g_item)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            du, di = _layer_mean_backward(ctx.adj, grads, ctx.layers, ctx.block)
+            du, di = _layer_mean(ctx.adj, grads, ctx.layers, ctx.block, backward=True)
         return None, du, di, None, None
 
 
