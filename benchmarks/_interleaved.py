@@ -3,6 +3,7 @@ on one machine in one run, min and median per variant and the speed-up of each a
 printed and appended to a CSV."""
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
@@ -10,6 +11,18 @@ import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+
+def parser(doc: str, repeats_help: str = "calls per variant (after one warm-up each)") -> argparse.ArgumentParser:
+    """The options every one of these benchmarks has: --dataset, --data-dir, --repeats, --threads, --csv
+    (each adds its own); the module's docstring as the help."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="citeulike")
+    ap.add_argument("--data-dir", default=None, help="the datasets' folder (default: $RCEKD_DATA)")
+    ap.add_argument("--repeats", type=int, default=5, help=repeats_help)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--csv", default=None, help="append the results to this CSV file")
+    return ap
 
 
 def time_interleaved(variants: Sequence[Tuple[str, Callable[[], None]]], repeats: int,

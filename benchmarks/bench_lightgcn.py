@@ -10,7 +10,6 @@ the same model, one thread unless ``--threads``; min and median per variant, wri
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import warnings
@@ -20,22 +19,17 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _interleaved import report, time_interleaved  # noqa: E402
+from _interleaved import parser, report, time_interleaved  # noqa: E402
 
 from rcekd_train.data import load_dataset  # noqa: E402
 from rcekd_train.models import lightgcn as L  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="citeulike")
-    ap.add_argument("--data-dir", default=None, help="the datasets' folder (default: $RCEKD_DATA)")
+    ap = parser(__doc__, "steps per variant (after one warm-up each)")
     ap.add_argument("--dim", type=int, default=2000, help="embedding size (the authors' teacher: 2000)")
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=5, help="steps per variant (after one warm-up each)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--csv", default=None, help="append the results to this CSV file")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     data = load_dataset(a.dataset, a.data_dir)

@@ -250,3 +250,42 @@ def test_eval_mode_restores_the_previous_mode(data):
         with eval_mode(m):
             raise RuntimeError("inside")
     assert m.training and torch.is_grad_enabled()
+
+
+def test_hstu_batch_of_mixed_lengths_equals_each_user_alone():
+    """The layers run on groups of similar length (each cut to its longest): every user's outputs, user
+    vector and the loss are those of the user encoded alone (its own length, no padding at all)."""
+    from rcekd_train.models.hstu import length_groups
+    data = tiny_synthetic(num_users=60, mean_items=10, max_items=40)
+    torch.manual_seed(0)
+    m = build_model("hstu", data, dim=8, blocks=2, heads=2, attn_dim=4, linear_dim=4, max_len=30,
+                    num_negatives=5, rel_bias=True, negatives="position").eval()
+    users = torch.arange(data.num_users)
+    lengths = m.lengths[users]
+    groups = length_groups(lengths)
+    assert len(groups) >= 3  # the case: several groups
+    assert sorted(torch.cat([g for g, _ in groups]).tolist()) == users.tolist()
+    for g, n in groups:
+        assert n == int(lengths[g].max()) and int(lengths[g].min()) > n // 2 - 1
+    out, ids, _ = m.encode(users)
+    assert out.shape[1] == int(lengths.max())
+    vecs, _ = m.represent(users)
+    for u in users.tolist():
+        n = int(lengths[u])
+        alone, _, _ = m.encode(torch.tensor([u]))
+        assert alone.shape[1] == n
+        assert torch.allclose(out[u, :n], alone[0], atol=1e-5), u
+        assert torch.allclose(vecs[u], alone[0, n - 1], atol=1e-5)
+    # the loss over the batch: the mean over all positions of the per-user sampled softmax
+    torch.manual_seed(5)
+    loss, *_ = m.base_loss(users)
+    q = torch.cat([m.encode(torch.tensor([u]))[0][0, : int(lengths[u]) - 1] for u in users.tolist()])
+    pos = torch.cat([m.seq[u, 1: int(lengths[u])] - 1 for u in users.tolist()])
+    torch.manual_seed(5)
+    neg = torch.randint(0, data.num_items, (len(pos), 5))
+    items = m.item_vectors()
+    s_pos = (q * items[pos]).sum(-1) / m.temperature
+    s_neg = torch.einsum("pd,prd->pr", q, items[neg]).masked_fill(neg == pos.view(-1, 1), float("-inf")) \
+        / m.temperature
+    want = -torch.log_softmax(torch.cat([s_pos.view(-1, 1), s_neg], 1), 1)[:, 0].mean()
+    assert torch.allclose(loss, want, atol=1e-5)

@@ -131,3 +131,59 @@ def test_a_bad_set_is_refused_before_the_queue_starts(tmp_path):
     with pytest.raises(ValueError, match="train.lr must be a finite number > 0, got -1"):
         Queue("synthetic", [0], str(tmp_path / "q"), only=["student-mf"], sets=TINY + ["train.lr=-1"])
     assert not os.path.exists(tmp_path / "q")  # nothing started
+
+
+def test_a_new_machine_continues_from_a_committed_report(tmp_path, capsys):
+    """--import-from: the finished runs of a collected report are not trained again; the teacher, whose
+    weights a report does not keep, is, with the same result as its record; a run whose config has changed
+    since its record is trained again; what is in the runs directory is never overwritten."""
+    from rcekd_train.report import table_report
+    only = ["teacher-mf", "student-mf", "rcekd-mf-mf"]
+    first = str(tmp_path / "first")
+    assert Queue("synthetic", [0], first, only=only, sets=TINY, out=io.StringIO()).run() == 0
+    report = str(tmp_path / "results")
+    table_report(first, "synthetic", report)
+    records = os.path.join(report, "runs")
+    assert not os.path.exists(os.path.join(records, "teacher-mf", "seed_0", "best_model.pt"))
+    student_rec = os.path.join(records, "rcekd-mf-mf", "seed_0", "result.json")
+    # a new machine: an empty runs directory, the committed report
+    runs_dir = str(tmp_path / "new")
+    q = Queue("synthetic", [0], runs_dir, only=only, sets=TINY, out=io.StringIO())
+    assert q.import_records(records) == 3
+    assert q.state(q.runs[0]) == ("todo", "a recorded result without its weights (best_model.pt): trained again")
+    assert q.blocked(q.runs[2])  # the student waits for the weights
+    assert q.state(q.runs[1])[0] == q.state(q.runs[2])[0] == "done"
+    assert q.import_records(records) == 0  # never over what is here
+    assert q.run() == 0
+    log = open(os.path.join(runs_dir, "reproduce.log")).read()
+    assert "start  teacher-mf/seed_0" in log and "start  rcekd-mf-mf/seed_0" not in log
+    assert "same teacher-mf/seed_0: the result trained again against its recorded one" in log
+    assert os.path.exists(os.path.join(runs_dir, "teacher-mf", "seed_0", "best_model.pt"))
+    a = json.load(open(os.path.join(runs_dir, "teacher-mf", "seed_0", "result.json")))
+    b = json.load(open(os.path.join(first, "teacher-mf", "seed_0", "result.json")))
+    assert a["test"] == b["test"] and a["valid"] == b["valid"] and a["best_epoch"] == b["best_epoch"]
+    assert open(os.path.join(runs_dir, "rcekd-mf-mf", "seed_0", "result.json")).read() == open(student_rec).read()
+    # the packaged settings changed since the record (here: one more epoch): not imported, trained again
+    other = str(tmp_path / "other")
+    args = ["reproduce", "--dataset", "synthetic", "--seeds", "0", "--runs-dir", other, "--only", "student-mf",
+            "--import-from", records, "--list"]
+    for s in TINY + ["train.epochs=3"]:
+        args += ["--set", s]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "imported 0 finished run(s)" in out and "todo     student-mf/seed_0" in out
+    assert "not imported student-mf/seed_0: its recorded config differs" in \
+        open(os.path.join(other, "reproduce.log")).read()
+    # a teacher trained again that does not give its recorded result is said so
+    third = str(tmp_path / "third")
+    q3 = Queue("synthetic", [0], third, only=["teacher-mf"], sets=TINY, out=io.StringIO())
+    assert q3.import_records(records) == 1
+    path = os.path.join(third, "teacher-mf", "seed_0", "result.json")
+    res = json.load(open(path))
+    res["test"]["ndcg@20"] += 0.5
+    json.dump(res, open(path, "w"))
+    assert q3.run() == 0
+    assert "DIFFERENT teacher-mf/seed_0: the result trained again against its recorded one (result.recorded.json): " \
+           "test ndcg@20" in open(os.path.join(third, "reproduce.log")).read()
+    with pytest.raises(ValueError, match="no such folder"):
+        q.import_records(str(tmp_path / "nowhere"))

@@ -178,6 +178,11 @@ def build_parser():
                    help="only the runs whose id (NAME/seed_S) or name matches, e.g. 'teacher-*' '*/seed_0'")
     q.add_argument("--max-minutes-per-run", type=float, default=None, metavar="N",
                    help="give each run at most N minutes per pass (it is resumed in the next pass)")
+    q.add_argument("--import-from", default=None, metavar="DIR",
+                   help="first copy the records of finished runs kept in DIR (the runs/ folder of a committed "
+                        "report, e.g. results/citeulike/runs) into RUNS_DIR, where RUNS_DIR has nothing for them "
+                        "and their config is the run's config now; a teacher's record has no weights, so the "
+                        "teacher is trained again (and compared with its record) before its students")
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--device", default=None)
     q.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -327,6 +332,9 @@ def cmd_reproduce(a):
     from .reproduce import Queue
     q = Queue(a.dataset, a.seeds, a.runs_dir, data_dir=a.data_dir, only=a.only, threads=a.threads,
               device=a.device, max_minutes_per_run=a.max_minutes_per_run, sets=a.sets)
+    if a.import_from:
+        n = q.import_records(a.import_from)
+        print(f"imported {n} finished run(s) from {a.import_from}")
     if a.list:
         print(q.listing())
         return 0

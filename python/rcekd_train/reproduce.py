@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import config as C
-from .files import append_line
+from .files import append_line, copy_file
 from .lock import held_by_other, try_lock
 
 FINISHED = ("early_stop", "max_epochs", "finished")
@@ -110,17 +110,25 @@ def select_runs(runs: List[PlannedRun], only: Optional[Sequence[str]]) -> List[P
     return [r for r in runs if any(fnmatch.fnmatch(r.id, p) or fnmatch.fnmatch(r.name, p) for p in only)]
 
 
-def run_state(out: str) -> Tuple[str, str]:
-    """(state, detail) of a run directory: done / partial / todo."""
-    res_path = os.path.join(out, "result.json")
-    if os.path.exists(res_path):
-        try:
-            with open(res_path) as f:
-                res = json.load(f)
-        except (OSError, ValueError):
-            res = {}
-        if res.get("status") in FINISHED:
-            return "done", f"best epoch {res.get('best_epoch')} of {res.get('epochs_run')}"
+def _finished_result(out: str) -> Optional[Dict]:
+    """The result.json of a finished run in ``out``, else None."""
+    try:
+        with open(os.path.join(out, "result.json")) as f:
+            res = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return res if isinstance(res, dict) and res.get("status") in FINISHED else None
+
+
+def run_state(out: str, needs_weights: bool = False) -> Tuple[str, str]:
+    """(state, detail) of a run directory: done / partial / todo. With ``needs_weights`` (a teacher, whose
+    students load its ``best_model.pt``), a finished run's record without its weights (one imported from a
+    results folder, :meth:`Queue.import_records`) is not done: it is trained again."""
+    res = _finished_result(out)
+    if res is not None:
+        if needs_weights and not os.path.exists(os.path.join(out, "best_model.pt")):
+            return "todo", "a recorded result without its weights (best_model.pt): trained again"
+        return "done", f"best epoch {res.get('best_epoch')} of {res.get('epochs_run')}"
     if os.path.exists(os.path.join(out, "checkpoint.pt")):
         n = 0
         try:
@@ -147,6 +155,21 @@ def run_config(r: PlannedRun, dataset: str, runs_dir: str, data_dir: Optional[st
     return cfg
 
 
+RECORDED = "result.recorded.json"
+
+
+def _result_differences(record_path: str, res: Dict) -> List[str]:
+    """What differs between a recorded result and a new one (best epoch, valid and test metrics)."""
+    with open(record_path) as f:
+        rec = json.load(f)
+    diffs = [f"best epoch {rec.get('best_epoch')} -> {res.get('best_epoch')}"] \
+        if rec.get("best_epoch") != res.get("best_epoch") else []
+    for split in ("valid", "test"):
+        a, b = rec.get(split) or {}, res.get(split) or {}
+        diffs += [f"{split} {m} {a.get(m)} -> {b.get(m)}" for m in sorted(set(a) | set(b)) if a.get(m) != b.get(m)]
+    return diffs
+
+
 class Queue:
     def __init__(self, dataset: str, seeds: Sequence[int], runs_dir: str, data_dir: Optional[str] = None,
                  only: Optional[Sequence[str]] = None, threads: Optional[int] = 1, device: Optional[str] = None,
@@ -169,7 +192,49 @@ class Queue:
 
     # --- state --------------------------------------------------------------------------------
     def state(self, r: PlannedRun) -> Tuple[str, str]:
-        return run_state(r.out(self.runs_dir))
+        return run_state(r.out(self.runs_dir), needs_weights=r.role == "teacher")
+
+    def import_records(self, src: str) -> int:
+        """Copies into the runs directory the records of finished runs kept in ``src`` (a folder laid out as
+        ``<name>/seed_<s>/`` with result.json, history.csv, config.yaml, curves.png: the ``runs/`` folder that
+        ``rcekd collect --runs-dir`` writes, e.g. ``results/citeulike/runs``), so that a queue started on a new
+        machine continues the table instead of training again what is committed. Only selected runs that
+        have nothing in the runs directory yet are imported, and only when the recorded config is the
+        run's config now (the packaged settings may have changed since: then the run is trained again).
+        A teacher's record has no weights, so the queue trains the teacher again when it comes to it, and
+        says whether the new result equals the recorded one. Returns the number of runs imported."""
+        if not os.path.isdir(src):
+            raise ValueError(f"--import-from {src}: no such folder (expected e.g. results/<dataset>/runs)")
+        from .report import _sanitize
+        ignored = {("device",), ("threads",), ("data_dir",), ("train", "progress"), ("train", "max_minutes"),
+                   ("train", "plot")}
+        n = 0
+        for r in self.runs:
+            rec = os.path.join(src, r.name, f"seed_{r.seed}")
+            if _finished_result(rec) is None:
+                continue
+            out = r.out(self.runs_dir)
+            if any(os.path.exists(os.path.join(out, f)) for f in ("result.json", "checkpoint.pt")):
+                continue  # never over what is here
+            if not os.path.exists(os.path.join(rec, "config.yaml")):
+                self.log(f"not imported {r.id}: {rec} has no config.yaml")
+                continue
+            planned = _sanitize(run_config(r, self.dataset, self.runs_dir, self.data_dir, self.threads,
+                                           self.device, self.max_minutes, self.sets))
+            diffs = C.config_differences(C.load_yaml(os.path.join(rec, "config.yaml")), planned, ignored)
+            if diffs:
+                self.log(f"not imported {r.id}: its recorded config differs from the run's config now ("
+                         + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:5])
+                         + (", ..." if len(diffs) > 5 else "") + "): it is trained again")
+                continue
+            os.makedirs(out, exist_ok=True)
+            for f in ("config.yaml", "history.csv", "curves.png", "result.json"):  # result.json last
+                if os.path.exists(os.path.join(rec, f)):
+                    copy_file(os.path.join(rec, f), os.path.join(out, f))
+            n += 1
+            self.log(f"import {r.id} from {rec}" + (" (its weights are not recorded: trained again)"
+                                                     if r.role == "teacher" else ""))
+        return n
 
     def listing(self) -> str:
         lines = [f"plan for {self.dataset} in {self.runs_dir} ({len(self.runs)} runs)"]
@@ -202,15 +267,22 @@ class Queue:
 
         t0 = time.time()
         before = self.state(r)[0]
+        record = os.path.join(out, RECORDED)
+        if _finished_result(out) is not None:  # a teacher's imported record: kept aside, compared at the end
+            os.replace(os.path.join(out, "result.json"), record)
         self.log(f"start  {r.id} ({before})")
         res = run_one(cfg, out, resume=True, log=log)
         status = res.get("status")
         self.log(f"end    {r.id}: {status}, {res.get('epochs_run', res.get('epoch'))} epochs, "
                  f"{time.time() - t0:.0f} s this time")
+        if status in FINISHED and os.path.exists(record):
+            self.log(f"{'same' if not (d := _result_differences(record, res)) else 'DIFFERENT'} "
+                     f"{r.id}: the result trained again against its recorded one ({RECORDED})"
+                     + (": " + ", ".join(d) if d else ": every metric and the best epoch equal"))
         return status
 
     def blocked(self, r: PlannedRun) -> bool:
-        return bool(r.teacher) and run_state(os.path.join(self.runs_dir, r.teacher_id))[0] != "done"
+        return bool(r.teacher) and run_state(os.path.join(self.runs_dir, r.teacher_id), needs_weights=True)[0] != "done"
 
     def run(self) -> int:
         """Runs the selected runs in plan order until every one is done; with a per-run time limit it

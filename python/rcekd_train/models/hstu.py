@@ -61,11 +61,28 @@ class HSTULayer(nn.Module):
         rel = pos.view(n, 1) - pos.view(1, n)  # i - j
         if self.rel_bias is not None:
             scores = scores + self.rel_bias[rel + self.max_len - 1]
-        causal = (rel >= 0).to(x.dtype)
-        attn = F.silu(scores) / self.max_len * causal  # divided by the padded length
+        causal = (rel >= 0).to(x.dtype) / self.max_len  # the causal mask, divided by the padded length
+        attn = F.silu(scores) * causal  # (one pass over the (B, H, n, n) scores for both)
         a = torch.einsum("bhij,bjhd->bihd", attn, v).reshape(B, n, H * dv)
         a = F.layer_norm(a, (H * dv,), eps=1e-6)
         return x + self.out(F.dropout(u * a, p=self.dropout, training=self.training))
+
+
+def length_groups(lengths):
+    """[(indices, m)]: the positions of a batch grouped by the bit length of (length - 1), i.e. lengths
+    1-2, 3-4, 5-8, 9-16, ..., each with ``m`` its longest length (at least 1): a group's padded cost is at
+    most about four times its own, in a handful of groups per batch."""
+    if len(lengths) == 0:
+        return []
+    key = [max(int(v) - 1, 0).bit_length() for v in lengths.tolist()]
+    groups = {}
+    for i, k in enumerate(key):
+        groups.setdefault(k, []).append(i)
+    out = []
+    for k in sorted(groups):
+        idx = torch.tensor(groups[k], dtype=torch.long, device=lengths.device)
+        out.append((idx, max(int(lengths[idx].max()), 1)))
+    return out
 
 
 #: how the sampled softmax draws its negatives: "position" (num_negatives per position, the authors' code:
@@ -104,18 +121,33 @@ class HSTU(Recommender):
                              persistent=False)
 
     def encode(self, users):
-        """Outputs (B, n, D), L2-normalised, for the users' padded training sequences. Sequences are
-        right-padded to ``max_len`` (the attention is divided by it); the batch is cut to its longest
-        sequence, which changes nothing since the causal mask hides later positions."""
+        """Outputs (B, n, D), L2-normalised, for the users' padded training sequences, ``n`` the batch's
+        longest sequence (the positions from a user's length on hold nothing meaningful; none is read).
+        Sequences are right-padded to ``max_len`` (the attention is divided by it), but the layers run on
+        groups of users of similar length, each cut to its own longest sequence (:func:`length_groups`):
+        that changes nothing, since the causal mask hides later positions from earlier ones, and on
+        CiteULike (median length 8, a batch's longest about 100) it costs about a tenth of the attention
+        and a fifth of the projections of one padded batch."""
         lengths = self.lengths[users]
         n = max(int(lengths.max()), 1) if len(users) else 1
         ids = self.seq[users, :n]
-        x = self.item_emb(ids) * math.sqrt(self.dim) + self.pos_emb.weight[:n]
+        groups = length_groups(lengths)
+        if len(groups) <= 1:
+            return self._layers(ids), ids, lengths
+        parts = [F.pad(self._layers(ids[g, :m]), (0, 0, 0, n - m)) for g, m in groups]
+        order = torch.cat([g for g, _ in groups])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return torch.cat(parts)[inverse], ids, lengths
+
+    def _layers(self, ids):
+        """The L2-normalised outputs (b, m, D) of the layers for padded item ids (b, m)."""
+        x = self.item_emb(ids) * math.sqrt(self.dim) + self.pos_emb.weight[: ids.shape[1]]
         x = F.dropout(x, p=self.input_dropout, training=self.training)
         x = x * (ids != 0).unsqueeze(-1).to(x.dtype)
         for layer in self.layers:
             x = layer(x)
-        return l2norm(x), ids, lengths
+        return l2norm(x)
 
     def item_vectors(self):
         return l2norm(self.item_emb.weight[1:])
