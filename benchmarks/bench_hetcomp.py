@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         return full((u @ v.T).clamp(-40.0, 40.0), m, targets, pos)
 
     def rows_fused():
-        return fused(u, v, 40.0, lambda r: data.train_mask_rows(users[r]), targets, pos)
+        return fused(u, v, 40.0, data.train_exclusion(users), targets, pos)
 
     def clear():
         u.grad = v.grad = None

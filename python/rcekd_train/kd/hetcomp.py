@@ -117,73 +117,96 @@ def hetcomp_rank_rows(s: Tensor, train_mask: Tensor, targets: Tensor, pos: Tenso
 CPU_BLOCK_ELEMS = 1 << 20
 
 
+def _block_coords(exclusion, r0: int, r1: int):
+    """(row in the block, item) of the training items of rows r0..r1 of a batch, from its CSR exclusion
+    (offsets (B + 1,), ids (nnz,)): the places a block's scores are set to -inf by index, never through a
+    dense (b, N) mask."""
+    offsets, ids = exclusion
+    lo, hi = int(offsets[r0]), int(offsets[min(r1, len(offsets) - 1)])
+    lens = offsets[r0 + 1:r1 + 1] - offsets[r0:r1]
+    rows = torch.repeat_interleave(torch.arange(len(lens), device=ids.device), lens)
+    return rows, ids[lo:hi]
+
+
+def _minus_inf_at(s: Tensor, coords, ex: Tensor) -> Tensor:
+    """s (in place) with -inf at the training items (coords) and at the listed items ``ex`` (b, E)."""
+    s[coords] = float("-inf")
+    return s.scatter_(1, ex, float("-inf"))
+
+
 class _ComplementLSE(torch.autograd.Function):
     """From the vectors, without a (B, N) tensor kept for the backward: per row, for each exclusion list
     E_m, log sum_{k unobserved, k not in E_m} exp(s_k), and s at ``gather_idx``, with
     s = clamp(user_vecs @ item_vecs.T, -clamp, clamp). Rows are taken ``block`` at a time; the backward
-    recomputes each block's scores. The values are those of the (B, N) formulas (``hetcomp_*_rows``),
-    the item gradient up to the order of its sums over rows."""
+    recomputes each block's scores. The excluded items (training items and E_m) are set to -inf by
+    index, so that every pass over a block's (b, N) scores is one of the formula's. The values are those
+    of the (B, N) formulas (``hetcomp_*_rows``), the item gradient up to the order of its sums over rows."""
 
     @staticmethod
-    def forward(ctx, u, v, clamp, mask_rows, gather_idx, block, *excluded):
+    def forward(ctx, u, v, clamp, exclusion, gather_idx, block, *excluded):
         B = u.shape[0]
         lse = u.new_empty(B, len(excluded))
         got = u.new_empty(B, gather_idx.shape[1])
         for r0 in range(0, B, block):
             sl = slice(r0, r0 + block)
             s = (u[sl] @ v.T).clamp_(-clamp, clamp)
-            base = mask_rows(sl)
+            coords = _block_coords(exclusion, r0, min(r0 + block, B))
             got[sl] = s.gather(1, gather_idx[sl])
             for j, ex in enumerate(excluded):
-                lse[sl, j] = _log_sum_outside(s, _mask_of(ex[sl], s.shape[1], base))
+                t = s if j == len(excluded) - 1 else s.clone()  # the last one may overwrite the block's s
+                lse[sl, j] = torch.logsumexp(_minus_inf_at(t, coords, ex[sl]), dim=1)
         ctx.save_for_backward(u, v, lse, gather_idx, *excluded)
-        ctx.clamp, ctx.mask_rows, ctx.block = clamp, mask_rows, block
+        ctx.clamp, ctx.exclusion, ctx.block = clamp, exclusion, block
         return lse, got
 
     @staticmethod
     def backward(ctx, g_lse, g_got):
         u, v, lse, gather_idx, *excluded = ctx.saved_tensors
-        c = ctx.clamp
+        c, B = ctx.clamp, u.shape[0]
         du, dv = torch.empty_like(u), torch.zeros_like(v)
-        for r0 in range(0, u.shape[0], ctx.block):
+        for r0 in range(0, B, ctx.block):
             sl = slice(r0, r0 + ctx.block)
-            raw = u[sl] @ v.T
-            s = raw.clamp(-c, c)
-            base = ctx.mask_rows(sl)
-            ds = torch.zeros_like(s)
-            for j, ex in enumerate(excluded):  # d lse / d s_k = softmax over the complement
-                p = (s - lse[sl, j:j + 1]).exp_().masked_fill_(_mask_of(ex[sl], s.shape[1], base), 0)
-                ds.addcmul_(p, g_lse[sl, j:j + 1])
+            s = u[sl] @ v.T
+            lo, hi = torch.aminmax(s)
+            clamped = ((s < -c) | (s > c)) if (float(lo) < -c or float(hi) > c) else None
+            if clamped is not None:
+                s.clamp_(-c, c)
+            coords = _block_coords(ctx.exclusion, r0, min(r0 + ctx.block, B))
+            ds = None
+            for j, ex in enumerate(excluded):  # d lse / d s_k = softmax over the complement (0 where excluded)
+                p = _minus_inf_at(s - lse[sl, j:j + 1], coords, ex[sl]).exp_().mul_(g_lse[sl, j:j + 1])
+                ds = p if ds is None else ds.add_(p)
             ds.scatter_add_(1, gather_idx[sl], g_got[sl])
-            ds.masked_fill_((raw < -c) | (raw > c), 0)  # clamp's gradient
+            if clamped is not None:
+                ds.masked_fill_(clamped, 0)  # clamp's gradient
             du[sl] = ds @ v
             dv.addmm_(ds.T, u[sl])
         return (du, dv, None, None, None, None) + (None,) * len(excluded)
 
 
-def complement_lse(user_vecs: Tensor, item_vecs: Tensor, clamp: float, mask_rows, gather_idx: Tensor,
+def complement_lse(user_vecs: Tensor, item_vecs: Tensor, clamp: float, exclusion, gather_idx: Tensor,
                    excluded: List[Tensor], block: Optional[int] = None):
-    """(lse (B, len(excluded)), s at gather_idx (B, W)) of ``_ComplementLSE``; ``mask_rows(rows)``: the
-    (b, N) bool training mask of a slice of the batch's rows. ``block`` rows at a time (default: about
-    ``CPU_BLOCK_ELEMS`` scores on the CPU, the whole batch on a GPU)."""
+    """(lse (B, len(excluded)), s at gather_idx (B, W)) of ``_ComplementLSE``; ``exclusion``: the batch's
+    training items as (offsets (B + 1,), ids (nnz,)) int64 (``data.train_exclusion(users)``). ``block``
+    rows at a time (default: about ``CPU_BLOCK_ELEMS`` scores on the CPU, the whole batch on a GPU)."""
     if block is None:
         N = item_vecs.shape[0]
         block = max(1, CPU_BLOCK_ELEMS // max(N, 1)) if user_vecs.device.type == "cpu" else user_vecs.shape[0]
-    return _ComplementLSE.apply(user_vecs, item_vecs, float(clamp), mask_rows, gather_idx, int(max(block, 1)),
+    return _ComplementLSE.apply(user_vecs, item_vecs, float(clamp), exclusion, gather_idx, int(max(block, 1)),
                                 *excluded)
 
 
-def hetcomp_overall_from_vectors(user_vecs, item_vecs, clamp, mask_rows, targets, pos, block=None) -> Tensor:
+def hetcomp_overall_from_vectors(user_vecs, item_vecs, clamp, exclusion, targets, pos, block=None) -> Tensor:
     """``hetcomp_overall_rows`` of s = clamp(user_vecs @ item_vecs.T), computed block by block."""
-    lse, x = complement_lse(user_vecs, item_vecs, clamp, mask_rows, torch.cat([pos, targets], dim=1), [targets],
+    lse, x = complement_lse(user_vecs, item_vecs, clamp, exclusion, torch.cat([pos, targets], dim=1), [targets],
                             block)
     return _overall_from(x, lse[:, 0])
 
 
-def hetcomp_rank_from_vectors(user_vecs, item_vecs, clamp, mask_rows, targets, pos, block=None) -> Tensor:
+def hetcomp_rank_from_vectors(user_vecs, item_vecs, clamp, exclusion, targets, pos, block=None) -> Tensor:
     """``hetcomp_rank_rows`` of s = clamp(user_vecs @ item_vecs.T), computed block by block."""
     half, tenth = _prefixes(targets)
-    lse, x = complement_lse(user_vecs, item_vecs, clamp, mask_rows, torch.cat([pos, half, tenth], dim=1),
+    lse, x = complement_lse(user_vecs, item_vecs, clamp, exclusion, torch.cat([pos, half, tenth], dim=1),
                             [half, tenth], block)
     x_pos, x_half, x_tenth = torch.split(x, [pos.shape[1], half.shape[1], tenth.shape[1]], dim=1)
     return _rank_from(x_pos, x_half, x_tenth, lse[:, 0], lse[:, 1])
@@ -342,11 +365,9 @@ class HetComp(KDMethod):
 
     def rows(self, users, user_vecs, item_vecs, step, weights):
         # s = clamp(user_vecs @ item_vecs.T) as the authors' code (keeps exp finite), by blocks of rows
-        def mask_rows(rows):
-            return self.data.train_mask_rows(users[rows])
-
         fn = hetcomp_rank_from_vectors if self.rank_stage else hetcomp_overall_from_vectors
-        return (fn(user_vecs, item_vecs, float(self.hp["clamp"]), mask_rows, self.targets[users], self.pos[users]),
+        return (fn(user_vecs, item_vecs, float(self.hp["clamp"]), self.data.train_exclusion(users),
+                   self.targets[users], self.pos[users]),
                 dict(self.epoch_diag))
 
 
