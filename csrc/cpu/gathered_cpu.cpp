@@ -113,6 +113,7 @@ std::tuple<Tensor, Tensor> gathered_dot_bwd(const Tensor& grad_in, const Tensor&
         T* o = gup + b * D;
         std::fill(o, o + D, T(0));
         for (int64_t w = 0; w < W; ++w) {
+          if (w + 8 < W) __builtin_prefetch(vp + ip[b * W + w + 8] * D);  // rows are read at random
           const T c = gp[b * W + w];
           const T* row = vp + ip[b * W + w] * D;
           for (int64_t d = 0; d < D; ++d) o[d] += c * row[d];
@@ -125,6 +126,7 @@ std::tuple<Tensor, Tensor> gathered_dot_bwd(const Tensor& grad_in, const Tensor&
       for (int64_t b = 0; b < B; ++b) {
         const T* ub = up + b * D;
         for (int64_t w = 0; w < W; ++w) {
+          if (w + 8 < W) __builtin_prefetch(gvp + ip[b * W + w + 8] * D, 1);  // rows are updated at random
           const T c = gp[b * W + w];
           T* o = gvp + ip[b * W + w] * D;
           for (int64_t d = 0; d < D; ++d) o[d] += c * ub[d];
