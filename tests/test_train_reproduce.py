@@ -146,6 +146,12 @@ def test_a_new_machine_continues_from_a_committed_report(tmp_path, capsys):
     records = os.path.join(report, "runs")
     assert not os.path.exists(os.path.join(records, "teacher-mf", "seed_0", "best_model.pt"))
     student_rec = os.path.join(records, "rcekd-mf-mf", "seed_0", "result.json")
+    # a record written before a key that never changes a result existed (here train.nonfinite) is still the run
+    from rcekd_train import config as C
+    cfg_path = os.path.join(records, "teacher-mf", "seed_0", "config.yaml")
+    rec_cfg = C.load_yaml(cfg_path)
+    del rec_cfg["train"]["nonfinite"]
+    C.dump(rec_cfg, cfg_path)
     # a new machine: an empty runs directory, the committed report
     runs_dir = str(tmp_path / "new")
     q = Queue("synthetic", [0], runs_dir, only=only, sets=TINY, out=io.StringIO())

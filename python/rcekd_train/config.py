@@ -357,9 +357,11 @@ def check(cfg: Dict) -> None:
 
 
 #: keys a resumed run may change: how long it runs and how it shows progress, where it runs
-IGNORED_ON_RESUME = {("train", "epochs"), ("train", "patience"), ("train", "progress"), ("train", "max_minutes"),
-                     ("train", "stop_after"), ("train", "plot"), ("train", "nonfinite"), ("device",), ("threads",),
-                     ("data_dir",)}
+#: the keys that never change a finished run's result: how it is shown, where it runs, when it may pause
+NOT_RESULT_KEYS = {("train", "progress"), ("train", "max_minutes"), ("train", "stop_after"), ("train", "plot"),
+                   ("train", "nonfinite"), ("device",), ("threads",), ("data_dir",)}
+#: the keys a resumed run may change: those, and how long it may still train
+IGNORED_ON_RESUME = NOT_RESULT_KEYS | {("train", "epochs"), ("train", "patience")}
 
 
 def flatten(d: Dict, prefix: tuple = ()) -> Dict[tuple, Any]:

@@ -206,8 +206,6 @@ class Queue:
         if not os.path.isdir(src):
             raise ValueError(f"--import-from {src}: no such folder (expected e.g. results/<dataset>/runs)")
         from .report import _sanitize
-        ignored = {("device",), ("threads",), ("data_dir",), ("train", "progress"), ("train", "max_minutes"),
-                   ("train", "plot")}
         n = 0
         for r in self.runs:
             rec = os.path.join(src, r.name, f"seed_{r.seed}")
@@ -221,7 +219,7 @@ class Queue:
                 continue
             planned = _sanitize(run_config(r, self.dataset, self.runs_dir, self.data_dir, self.threads,
                                            self.device, self.max_minutes, self.sets))
-            diffs = C.config_differences(C.load_yaml(os.path.join(rec, "config.yaml")), planned, ignored)
+            diffs = C.config_differences(C.load_yaml(os.path.join(rec, "config.yaml")), planned, C.NOT_RESULT_KEYS)
             if diffs:
                 self.log(f"not imported {r.id}: its recorded config differs from the run's config now ("
                          + ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:5])
