@@ -189,7 +189,17 @@ def test_a_new_machine_continues_from_a_committed_report(tmp_path, capsys):
     res["test"]["ndcg@20"] += 0.5
     json.dump(res, open(path, "w"))
     assert q3.run() == 0
-    assert "DIFFERENT teacher-mf/seed_0: the result trained again against its recorded one (result.recorded.json): " \
+    assert "DIFFERENT teacher-mf/seed_0: the result trained again against its recorded one (record/result.json): " \
            "test ndcg@20" in open(os.path.join(third, "reproduce.log")).read()
+    # a teacher's retrain interrupted (one epoch per pass, stopped after the first): the report keeps its record
+    fourth = str(tmp_path / "fourth")
+    q4 = Queue("synthetic", [0], fourth, only=only, sets=TINY, max_minutes_per_run=0, out=io.StringIO())
+    assert q4.import_records(records) == 3
+    q4.run_one(q4.runs[0])
+    assert q4.state(q4.runs[0])[0] == "partial"
+    rep = str(tmp_path / "rep4")
+    table_report(fourth, "synthetic", rep)
+    assert open(os.path.join(rep, "runs", "teacher-mf", "seed_0", "result.json")).read() == \
+        open(os.path.join(records, "teacher-mf", "seed_0", "result.json")).read()
     with pytest.raises(ValueError, match="no such folder"):
         q.import_records(str(tmp_path / "nowhere"))

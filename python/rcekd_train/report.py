@@ -5,7 +5,7 @@ import csv
 import io
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from . import config as C
 from .evaluate import metric_names
@@ -23,17 +23,18 @@ def _sanitize(cfg: Dict) -> Dict:
     return cfg
 
 
-def collect(run_dirs: List[str], out: str, ks=(10, 20), write_summary: bool = True) -> List[Dict]:
+def collect(run_dirs: List[str], out: str, ks=(10, 20), write_summary: bool = True,
+            names: Optional[List[str]] = None) -> List[Dict]:
     """Copies result.json, history.csv, curves.png and the (sanitised) config of each finished run into
     out/<run name>/ and writes out/summary.csv, summary.json and summary.md (test and valid metrics at
     the best valid epoch, epochs, seconds per epoch)."""
     os.makedirs(out, exist_ok=True)
     rows = []
-    for d in run_dirs:
+    for i, d in enumerate(run_dirs):
         res_path = os.path.join(d, "result.json")
         if not os.path.exists(res_path):
             continue
-        name = os.path.basename(os.path.normpath(d))
+        name = names[i] if names else os.path.basename(os.path.normpath(d))
         target = os.path.join(out, name)
         os.makedirs(target, exist_ok=True)
         with open(res_path) as f:
@@ -156,6 +157,19 @@ def load_paper(dataset: str):
     return paper.get(dataset), paper
 
 
+def result_dir(d: str):
+    """The folder holding a run's finished result: the run's own, else the record it was imported with and is
+    being trained again from (``record/``, ``rcekd reproduce --import-from``); None when neither is finished."""
+    for cand in (d, os.path.join(d, "record")):
+        try:
+            with open(os.path.join(cand, "result.json")) as f:
+                if json.load(f).get("status") in FINISHED_STATUSES:
+                    return cand
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def queue_results(runs_dir: str, seeds=None) -> Dict[str, Dict[int, Dict]]:
     """{run name: {seed: result.json}} of the finished runs of a reproduce queue."""
     out: Dict[str, Dict[int, Dict]] = {}
@@ -174,13 +188,11 @@ def queue_results(runs_dir: str, seeds=None) -> Dict[str, Dict[int, Dict]]:
                 continue
             if seeds is not None and seed not in seeds:
                 continue
-            p = os.path.join(d, sub, "result.json")
-            if not os.path.exists(p):
+            src = result_dir(os.path.join(d, sub))
+            if src is None:
                 continue
-            with open(p) as f:
-                res = json.load(f)
-            if res.get("status") in FINISHED_STATUSES:
-                out.setdefault(name, {})[seed] = res
+            with open(os.path.join(src, "result.json")) as f:
+                out.setdefault(name, {})[seed] = json.load(f)
     return out
 
 
@@ -291,8 +303,8 @@ def table_report(runs_dir: str, dataset: str, out: str, seeds=None, copy_runs: b
     if copy_runs:
         for name, runs in results.items():
             for s in runs:
-                collect([os.path.join(runs_dir, name, f"seed_{s}")], os.path.join(out, "runs", name),
-                        write_summary=False)
+                collect([result_dir(os.path.join(runs_dir, name, f"seed_{s}"))], os.path.join(out, "runs", name),
+                        write_summary=False, names=[f"seed_{s}"])
     return report
 
 

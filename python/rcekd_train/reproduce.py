@@ -155,7 +155,10 @@ def run_config(r: PlannedRun, dataset: str, runs_dir: str, data_dir: Optional[st
     return cfg
 
 
-RECORDED = "result.recorded.json"
+#: where a teacher trained again keeps its imported record (result.json, history.csv, config.yaml, curves.png) until
+#: the new result is there: ``rcekd collect`` reports the record meanwhile
+RECORD_DIR = "record"
+RECORD_FILES = ("result.json", "history.csv", "config.yaml", "curves.png")
 
 
 def _result_differences(record_path: str, res: Dict) -> List[str]:
@@ -201,8 +204,9 @@ class Queue:
         machine continues the table instead of training again what is committed. Only selected runs that
         have nothing in the runs directory yet are imported, and only when the recorded config is the
         run's config now (the packaged settings may have changed since: then the run is trained again).
-        A teacher's record has no weights, so the queue trains the teacher again when it comes to it, and
-        says whether the new result equals the recorded one. Returns the number of runs imported."""
+        A teacher's record has no weights, so the queue trains the teacher again when it comes to it (the
+        record moves to ``record/``, which ``rcekd collect`` reports until the new result is there) and says
+        whether the new result equals the recorded one. Returns the number of runs imported."""
         if not os.path.isdir(src):
             raise ValueError(f"--import-from {src}: no such folder (expected e.g. results/<dataset>/runs)")
         from .report import _sanitize
@@ -265,9 +269,12 @@ class Queue:
 
         t0 = time.time()
         before = self.state(r)[0]
-        record = os.path.join(out, RECORDED)
+        record = os.path.join(out, RECORD_DIR, "result.json")
         if _finished_result(out) is not None:  # a teacher's imported record: kept aside, compared at the end
-            os.replace(os.path.join(out, "result.json"), record)
+            os.makedirs(os.path.join(out, RECORD_DIR), exist_ok=True)
+            for f in RECORD_FILES[1:] + RECORD_FILES[:1]:  # result.json last
+                if os.path.exists(os.path.join(out, f)):
+                    os.replace(os.path.join(out, f), os.path.join(out, RECORD_DIR, f))
         self.log(f"start  {r.id} ({before})")
         res = run_one(cfg, out, resume=True, log=log)
         status = res.get("status")
@@ -275,7 +282,7 @@ class Queue:
                  f"{time.time() - t0:.0f} s this time")
         if status in FINISHED and os.path.exists(record):
             self.log(f"{'same' if not (d := _result_differences(record, res)) else 'DIFFERENT'} "
-                     f"{r.id}: the result trained again against its recorded one ({RECORDED})"
+                     f"{r.id}: the result trained again against its recorded one ({RECORD_DIR}/result.json)"
                      + (": " + ", ".join(d) if d else ": every metric and the best epoch equal"))
         return status
 
