@@ -136,6 +136,11 @@ def test_table_report_files(tmp_path, runs):
     md = open(os.path.join(out, "summary.md")).read()
     assert "Metric convention: **ours**" in md and "| MF→MF | Teacher |" in md and "*p-value*" in md
     assert "0.0278" in md and "TARec" in md and "w/o S (L1 only)" in md and "summary.png" in md
+    # RRD has one seed (0.030): its cell is the value alone, with no spread; three seeds show mean ± std
+    rrd = next(line for line in md.splitlines() if "| RRD |" in line)
+    assert rrd.split("|")[3].strip() == "0.0300" and "±" not in rrd
+    rk_line = next(line for line in md.splitlines() if "| RCE-KD |" in line)
+    assert "±" in rk_line.split("|")[3]
     rows = list(csv.DictReader(open(os.path.join(out, "summary.csv"))))
     rk = [r for r in rows if r["section"] == "table1" and r["pair"] == "mf->mf" and r["row"] == "rcekd"]
     assert len(rk) == 4 and rk[0]["best_baseline"] == "rrd"

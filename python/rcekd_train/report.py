@@ -12,7 +12,7 @@ from .evaluate import metric_names
 from .files import atomic_write, copy_file, write_csv, write_json, write_text
 
 
-def _sanitize(cfg: Dict) -> Dict:
+def sanitize_config(cfg: Dict) -> Dict:
     """No machine paths in committed files: data_dir dropped, teacher_dir reduced to its last part."""
     cfg = dict(cfg)
     cfg["data_dir"] = None
@@ -42,7 +42,7 @@ def collect(run_dirs: List[str], out: str, ks=(10, 20), write_summary: bool = Tr
         for fname in ("result.json", "history.csv", "curves.png"):
             if os.path.exists(os.path.join(d, fname)):
                 copy_file(os.path.join(d, fname), os.path.join(target, fname))
-        cfg = _sanitize(C.load_yaml(os.path.join(d, "config.yaml")))
+        cfg = sanitize_config(C.load_yaml(os.path.join(d, "config.yaml")))
         C.dump(cfg, os.path.join(target, "config.yaml"))
         row = {"run": name, "role": res["role"], "model": res["model"], "kd": res["kd"],
                "teacher": cfg.get("teacher_dir") or "", "dim": cfg["model"].get("dim"),
@@ -204,6 +204,8 @@ def row_run_name(pair: str, row: str) -> str:
 def _cell(stats):
     if not stats or stats["n"] == 0:
         return "—"
+    if stats["n"] == 1:  # one seed: no spread to show (the n column says so)
+        return f"{stats['mean']:.4f}"
     return f"{stats['mean']:.4f} ± {stats['std']:.4f}"
 
 

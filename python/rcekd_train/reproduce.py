@@ -209,7 +209,7 @@ class Queue:
         whether the new result equals the recorded one. Returns the number of runs imported."""
         if not os.path.isdir(src):
             raise ValueError(f"--import-from {src}: no such folder (expected e.g. results/<dataset>/runs)")
-        from .report import _sanitize
+        from .report import sanitize_config
         n = 0
         for r in self.runs:
             rec = os.path.join(src, r.name, f"seed_{r.seed}")
@@ -221,7 +221,7 @@ class Queue:
             if not os.path.exists(os.path.join(rec, "config.yaml")):
                 self.log(f"not imported {r.id}: {rec} has no config.yaml")
                 continue
-            planned = _sanitize(run_config(r, self.dataset, self.runs_dir, self.data_dir, self.threads,
+            planned = sanitize_config(run_config(r, self.dataset, self.runs_dir, self.data_dir, self.threads,
                                            self.device, self.max_minutes, self.sets))
             diffs = C.config_differences(C.load_yaml(os.path.join(rec, "config.yaml")), planned, C.NOT_RESULT_KEYS)
             if diffs:
