@@ -215,3 +215,16 @@ def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
     path.write_bytes(b"train:\n  lr: \xff\n")
     with pytest.raises(ValueError, match=rf"{path}: not a UTF-8 text file"):
         resolve("synthetic", "teacher", "mf", user_config=str(path))
+
+
+def test_a_key_added_later_reads_as_what_older_records_did():
+    """A record made before model.init existed (HSTU) is the same config as init=normal, not as xavier."""
+    from rcekd_train.config import config_differences
+    new = {"model": {"name": "hstu", "dim": 8, "init": "normal"}, "seed": 0}
+    old = {"model": {"name": "hstu", "dim": 8}, "seed": 0}
+    assert config_differences(old, new) == [] and config_differences(new, old) == []
+    xav = {"model": {"name": "hstu", "dim": 8, "init": "xavier"}, "seed": 0}
+    assert config_differences(old, xav) == [("model.init", None, "xavier")]
+    # another model never has the key: no difference either way; a real difference is still one
+    assert config_differences({"model": {"name": "mf"}}, {"model": {"name": "mf"}}) == []
+    assert config_differences(old, {**new, "seed": 1}) == [("seed", 0, 1)]

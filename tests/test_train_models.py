@@ -202,6 +202,36 @@ def test_hstu_negatives_choice_is_checked(data):
         build_model("hstu", data, dim=8, negatives="shared")
 
 
+def test_hstu_init_choices(data):
+    """init=normal draws its tables right after creating them (the draws of every run recorded before the
+    option existed, replayed here by hand); init=xavier has the scales of the authors' code."""
+    kw = dict(dim=8, blocks=2, heads=2, attn_dim=4, linear_dim=4, max_len=12, rel_bias=False)
+    n_rows = data.num_items + 1
+    torch.manual_seed(3)
+    m = build_model("hstu", data, **kw)  # init=normal, the default
+    torch.manual_seed(3)
+    torch.empty(n_rows, 8).normal_()                   # nn.Embedding's own init of the item table
+    items = torch.empty(n_rows, 8).normal_(0, 0.02).clamp_(-0.04, 0.04)
+    items[0] = 0
+    torch.empty(12, 8).normal_()                       # nn.Embedding's own init of the position table
+    pos = torch.empty(12, 8).normal_(0, math.sqrt(1 / 8))
+    assert torch.equal(m.item_emb.weight.data, items) and torch.equal(m.pos_emb.weight.data, pos)
+    assert all(float(layer.out.bias.abs().max()) == 0 for layer in m.layers)
+
+    torch.manual_seed(3)
+    big = build_model("hstu", data, init="xavier", **{**kw, "dim": 64, "max_len": 100})
+    w = big.item_emb.weight.data
+    assert float(w[0].abs().max()) == 0
+    assert float(w[1:].std()) == pytest.approx(math.sqrt(2 / (n_rows + 64)), rel=0.05)
+    assert float(big.pos_emb.weight.std()) == pytest.approx(math.sqrt(2 / (110 + 64)), rel=0.05)
+    bound = 1 / math.sqrt(2 * 4)  # nn.Linear's default bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in 8
+    for layer in big.layers:
+        b = layer.out.bias.data
+        assert float(b.abs().max()) <= bound and float(b.abs().max()) > bound / 4
+    with pytest.raises(ValueError, match="init must be one of"):
+        build_model("hstu", data, dim=8, init="kaiming")
+
+
 def test_hstu_attention_is_pointwise_silu_over_padded_length(data):
     from rcekd_train.models.hstu import HSTULayer
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ TRAIN_RULES = {"epochs": "nonneg_int", "batch_size": "pos_int", "patience": "pos
 MODEL_RULES = {"dim": "pos_int", "layers": "nonneg_int", "init_std": "nonneg", "blocks": "pos_int", "heads": "pos_int",
                "attn_dim": "pos_int", "linear_dim": "pos_int", "max_len": "pos_int", "dropout": "prob",
                "linear_dropout": "prob", "temperature": "pos", "num_negatives": "pos_int", "rel_bias": "bool",
-               "negatives": ("position", "batch")}
+               "negatives": ("position", "batch"), "init": ("normal", "xavier")}
 DATA_RULES = {"num_users": "pos_int", "num_items": "pos_int", "dim": "pos_int", "clusters": "pos_int",
               "mean_items": "pos", "min_items": "pos_int", "max_items": "pos_int", "zipf": "nonneg",
               "temperature": "pos", "seed": "int", "min_user_items": "pos_int", "valid_frac": "prob"}
@@ -376,14 +376,25 @@ def flatten(d: Dict, prefix: tuple = ()) -> Dict[tuple, Any]:
     return out
 
 
+#: keys added after runs were recorded, with the value that is what every run before them did: a config
+#: without such a key (a record or checkpoint older than the key) reads as holding that value
+ADDED_KEYS = {("model", "init"): "normal"}
+
+
 def config_differences(a: Dict, b: Dict, ignored=IGNORED_ON_RESUME):
-    """[(dotted key, value in a, value in b)] of the leaves that differ, except the ``ignored`` keys."""
+    """[(dotted key, value in a, value in b)] of the leaves that differ, except the ``ignored`` keys; a key
+    of :data:`ADDED_KEYS` missing on one side (of the same model) counts as its value there."""
     fa, fb = flatten(a), flatten(b)
+    same_model = fa.get(("model", "name")) == fb.get(("model", "name"))
     diffs = []
     for k in sorted(set(fa) | set(fb), key=str):
         if k in ignored:
             continue
-        if fa.get(k) != fb.get(k):
+        va, vb = fa.get(k), fb.get(k)
+        if same_model and k in ADDED_KEYS:
+            va = ADDED_KEYS[k] if k not in fa else va
+            vb = ADDED_KEYS[k] if k not in fb else vb
+        if va != vb:
             diffs.append((".".join(k), fa.get(k), fb.get(k)))
     return diffs
 

@@ -88,6 +88,11 @@ def length_groups(lengths):
 #: how the sampled softmax draws its negatives: "position" (num_negatives per position, the authors' code:
 #: every position has its own uniform draw) or "batch" (one draw of num_negatives shared by the batch's positions)
 NEGATIVES = ("position", "batch")
+#: the initial item and position tables (and output biases): "normal" (ours: N(0, .02) clamped to +-.04,
+#: positions N(0, 1 / D), output biases 0) or "xavier" (what the authors' code ends with; see ``__init__``)
+INITS = ("normal", "xavier")
+#: the authors' position table has max_output_len = 10 rows more than max_len (xavier's std depends on it)
+XAVIER_EXTRA_POSITIONS = 10
 
 
 class HSTU(Recommender):
@@ -97,21 +102,38 @@ class HSTU(Recommender):
     def __init__(self, data, dim: int = 32, blocks: int = 2, heads: int = 1, attn_dim: int = 16,
                  linear_dim: int = 16, max_len: int = 100, dropout: float = 0.5, linear_dropout: float = 0.5,
                  temperature: float = 0.05, num_negatives: int = 1024, rel_bias: bool = True,
-                 negatives: str = "batch"):
+                 negatives: str = "batch", init: str = "normal"):
         super().__init__(data)
         if negatives not in NEGATIVES:
             raise ValueError(f"hstu: negatives must be one of {list(NEGATIVES)}, got {negatives!r}")
+        if init not in INITS:
+            raise ValueError(f"hstu: init must be one of {list(INITS)}, got {init!r}")
         self.dim, self.max_len, self.temperature = dim, max_len, temperature
         self.num_negatives, self.negatives = num_negatives, negatives
         self.item_emb = nn.Embedding(self.num_items + 1, dim, padding_idx=0)  # id 0 = padding
-        with torch.no_grad():
-            self.item_emb.weight.normal_(0, 0.02).clamp_(-0.04, 0.04)
-            self.item_emb.weight[0].zero_()
+        if init == "normal":  # (the draws in this order: runs recorded before `init` existed are redrawn exactly)
+            with torch.no_grad():
+                self.item_emb.weight.normal_(0, 0.02).clamp_(-0.04, 0.04)
+                self.item_emb.weight[0].zero_()
         self.pos_emb = nn.Embedding(max_len, dim)
-        nn.init.normal_(self.pos_emb.weight, std=math.sqrt(1.0 / dim))
+        if init == "normal":
+            nn.init.normal_(self.pos_emb.weight, std=math.sqrt(1.0 / dim))
         self.input_dropout = dropout
         self.layers = nn.ModuleList(HSTULayer(dim, heads, attn_dim, linear_dim, max_len, linear_dropout, rel_bias)
                                     for _ in range(blocks))
+        if init == "xavier":
+            # what the authors' HSTU ends with: its reset_para means a truncated normal for the item table but
+            # matches no parameter name, then applies xavier_normal_ to every parameter outside the layers:
+            # the item table (std sqrt(2 / (N + 1 + D))) and the position table, whose first dimension is
+            # max_len + max_output_len there (rows that no position reads, but xavier's std counts them); the
+            # layers keep their own init, where the output bias is nn.Linear's default
+            with torch.no_grad():
+                nn.init.xavier_normal_(self.item_emb.weight)
+                self.item_emb.weight[0].zero_()  # (theirs is not zero, but id 0 is masked out everywhere)
+                self.pos_emb.weight.normal_(0, math.sqrt(2.0 / (max_len + XAVIER_EXTRA_POSITIONS + dim)))
+                for layer in self.layers:
+                    bound = 1.0 / math.sqrt(layer.out.in_features)
+                    layer.out.bias.uniform_(-bound, bound)
         seq = np.zeros((self.num_users, max_len), dtype=np.int64)
         for u in range(self.num_users):
             items = data.train.items_of(u)[-max_len:]
