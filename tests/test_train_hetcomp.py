@@ -94,7 +94,8 @@ def test_losses_against_hand_loops(stage):
 
 @pytest.mark.parametrize("stage", ["overall", "rank"])
 @pytest.mark.parametrize("block", [1, 3, 100])
-def test_losses_from_vectors_equal_the_full_rows(stage, block):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_losses_from_vectors_equal_the_full_rows(stage, block, overlap):
     """The block-by-block losses from the vectors (no (B, N) tensor kept) against the (B, N) formulas
     above (themselves checked by hand loops): values and both gradients, with some scores beyond the
     clamp (zero gradient there) and blocks that do not divide the batch."""
@@ -109,6 +110,9 @@ def test_losses_from_vectors_equal_the_full_rows(stage, block):
     mask[torch.arange(B)[:, None], pos] = True
     targets = torch.stack([torch.tensor([j for j in torch.randperm(N).tolist() if not mask[r, j]][:K])
                            for r in range(B)])
+    if overlap:  # some targets are training items too (not so in a run, but the formulas allow it)
+        mask[torch.arange(B), targets[:, K - 2]] = True
+        mask[torch.arange(0, B, 2), targets[0::2, 1]] = True
     raw = u @ v.T
     assert ((raw.abs() > clamp).sum() > 10) and ((raw.abs() < clamp).sum() > 10)
     full = hetcomp_overall_rows if stage == "overall" else hetcomp_rank_rows

@@ -166,14 +166,7 @@ class _ComplementLSE(torch.autograd.Function):
         du, dv = torch.empty_like(u), torch.zeros_like(v)
         for r0 in range(0, B, ctx.block):
             sl = slice(r0, r0 + ctx.block)
-            s = u[sl] @ v.T
-            if s.device.type == "cpu":  # skip the mask when nothing is clamped (a check that costs a sync on a GPU)
-                lo, hi = torch.aminmax(s)
-                clamped = ((s < -c) | (s > c)) if (float(lo) < -c or float(hi) > c) else None
-            else:
-                clamped = (s < -c) | (s > c)
-            if clamped is not None:
-                s.clamp_(-c, c)
+            s, clamped = _clamped_scores(u[sl], v, c)
             coords = _block_coords(ctx.exclusion, r0, min(r0 + ctx.block, B))
             ds = None
             for j, ex in enumerate(excluded):  # d lse / d s_k = softmax over the complement (0 where excluded)
@@ -187,16 +180,97 @@ class _ComplementLSE(torch.autograd.Function):
         return (du, dv, None, None, None, None) + (None,) * len(excluded)
 
 
+class _NestedComplementLSE(torch.autograd.Function):
+    """``_ComplementLSE`` for two exclusion lists of which the second is a prefix of the first (the ranking
+    stage: the targets' first K/2 and first K/10), each list of distinct items: one masked pass gives
+    L_1 = log sum over the complement of (training items and the list), and since the prefix's complement
+    is that one plus the list's rest, L_2 = logaddexp(L_1, log sum of exp(s) over the rest that is not a
+    training item). In the backward, d/ds of g_1 L_1 + g_2 L_2 is exp(s - L_1) (g_1 + g_2 exp(L_1 - L_2))
+    on the first complement and g_2 exp(s - L_2) on the rest: one exponential per score instead of one per
+    list, and no copy of the block."""
+
+    @staticmethod
+    def forward(ctx, u, v, clamp, exclusion, gather_idx, block, outer, n_inner):
+        B = u.shape[0]
+        lse = u.new_empty(B, 2)
+        got = u.new_empty(B, gather_idx.shape[1])
+        rest = outer[:, n_inner:]
+        rest_ok = torch.ones(rest.shape, dtype=torch.bool, device=u.device)  # rest items that are not training items
+        for r0 in range(0, B, block):
+            sl = slice(r0, r0 + block)
+            s = (u[sl] @ v.T).clamp_(-clamp, clamp)
+            got[sl] = s.gather(1, gather_idx[sl])
+            s[_block_coords(exclusion, r0, min(r0 + block, B))] = float("-inf")
+            x_rest = s.gather(1, rest[sl])
+            rest_ok[sl] = x_rest != float("-inf")
+            lse[sl, 0] = torch.logsumexp(s.scatter_(1, outer[sl], float("-inf")), dim=1)
+            lse[sl, 1] = torch.logaddexp(lse[sl, 0], torch.logsumexp(x_rest, dim=1))
+        ctx.save_for_backward(u, v, lse, gather_idx, outer, rest_ok)
+        ctx.clamp, ctx.exclusion, ctx.block, ctx.n_inner = clamp, exclusion, block, n_inner
+        return lse, got
+
+    @staticmethod
+    def backward(ctx, g_lse, g_got):
+        u, v, lse, gather_idx, outer, rest_ok = ctx.saved_tensors
+        c, B = ctx.clamp, u.shape[0]
+        rest = outer[:, ctx.n_inner:]
+        du, dv = torch.empty_like(u), torch.zeros_like(v)
+        for r0 in range(0, B, ctx.block):
+            sl = slice(r0, r0 + ctx.block)
+            s, clamped = _clamped_scores(u[sl], v, c)
+            l1, l2 = lse[sl, 0:1], lse[sl, 1:2]
+            g1, g2 = g_lse[sl, 0:1], g_lse[sl, 1:2]
+            x_rest = s.gather(1, rest[sl])
+            ds = (s - l1).exp_().mul_(g1 + g2 * (l1 - l2).exp())
+            ds[_block_coords(ctx.exclusion, r0, min(r0 + ctx.block, B))] = 0
+            ds.scatter_(1, outer[sl], 0)
+            ds.scatter_add_(1, rest[sl], torch.where(rest_ok[sl], (x_rest - l2).exp() * g2, 0))
+            ds.scatter_add_(1, gather_idx[sl], g_got[sl])
+            if clamped is not None:
+                ds.masked_fill_(clamped, 0)  # clamp's gradient
+            du[sl] = ds @ v
+            dv.addmm_(ds.T, u[sl])
+        return du, dv, None, None, None, None, None, None
+
+
+def _clamped_scores(u_block: Tensor, v: Tensor, c: float):
+    """(clamp(u_block @ v.T, -c, c), the mask of the clamped scores or None when none is): the backward's
+    block. On the CPU the mask is skipped when nothing is clamped (a check that costs a sync on a GPU)."""
+    s = u_block @ v.T
+    if s.device.type == "cpu":
+        lo, hi = torch.aminmax(s)
+        clamped = ((s < -c) | (s > c)) if (float(lo) < -c or float(hi) > c) else None
+    else:
+        clamped = (s < -c) | (s > c)
+    if clamped is not None:
+        s.clamp_(-c, c)
+    return s, clamped
+
+
 def complement_lse(user_vecs: Tensor, item_vecs: Tensor, clamp: float, exclusion, gather_idx: Tensor,
                    excluded: List[Tensor], block: Optional[int] = None):
     """(lse (B, len(excluded)), s at gather_idx (B, W)) of ``_ComplementLSE``; ``exclusion``: the batch's
     training items as (offsets (B + 1,), ids (nnz,)) int64 (``data.train_exclusion(users)``). ``block``
     rows at a time (default: about ``CPU_BLOCK_ELEMS`` scores on the CPU, the whole batch on a GPU)."""
+    block = _block_rows(user_vecs, item_vecs, block)
+    return _ComplementLSE.apply(user_vecs, item_vecs, float(clamp), exclusion, gather_idx, block, *excluded)
+
+
+def complement_lse_nested(user_vecs: Tensor, item_vecs: Tensor, clamp: float, exclusion, gather_idx: Tensor,
+                          outer: Tensor, n_inner: int, block: Optional[int] = None):
+    """``complement_lse`` with the two lists ``[outer, outer[:, :n_inner]]`` (rows of distinct items), by
+    ``_NestedComplementLSE``: the same values, with about half the passes over the scores."""
+    if not 1 <= n_inner <= outer.shape[1]:
+        raise ValueError(f"complement_lse_nested: n_inner must be in [1, {outer.shape[1]}], got {n_inner}")
+    return _NestedComplementLSE.apply(user_vecs, item_vecs, float(clamp), exclusion, gather_idx,
+                                      _block_rows(user_vecs, item_vecs, block), outer, int(n_inner))
+
+
+def _block_rows(user_vecs: Tensor, item_vecs: Tensor, block: Optional[int]) -> int:
     if block is None:
         N = item_vecs.shape[0]
         block = max(1, CPU_BLOCK_ELEMS // max(N, 1)) if user_vecs.device.type == "cpu" else user_vecs.shape[0]
-    return _ComplementLSE.apply(user_vecs, item_vecs, float(clamp), exclusion, gather_idx, int(max(block, 1)),
-                                *excluded)
+    return int(max(block, 1))
 
 
 def hetcomp_overall_from_vectors(user_vecs, item_vecs, clamp, exclusion, targets, pos, block=None) -> Tensor:
@@ -209,8 +283,8 @@ def hetcomp_overall_from_vectors(user_vecs, item_vecs, clamp, exclusion, targets
 def hetcomp_rank_from_vectors(user_vecs, item_vecs, clamp, exclusion, targets, pos, block=None) -> Tensor:
     """``hetcomp_rank_rows`` of s = clamp(user_vecs @ item_vecs.T), computed block by block."""
     half, tenth = _prefixes(targets)
-    lse, x = complement_lse(user_vecs, item_vecs, clamp, exclusion, torch.cat([pos, half, tenth], dim=1),
-                            [half, tenth], block)
+    lse, x = complement_lse_nested(user_vecs, item_vecs, clamp, exclusion, torch.cat([pos, half, tenth], dim=1),
+                                   half, tenth.shape[1], block)
     x_pos, x_half, x_tenth = torch.split(x, [pos.shape[1], half.shape[1], tenth.shape[1]], dim=1)
     return _rank_from(x_pos, x_half, x_tenth, lse[:, 0], lse[:, 1])
 
