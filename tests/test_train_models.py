@@ -319,3 +319,32 @@ def test_hstu_batch_of_mixed_lengths_equals_each_user_alone():
         / m.temperature
     want = -torch.log_softmax(torch.cat([s_pos.view(-1, 1), s_neg], 1), 1)[:, 0].mean()
     assert torch.allclose(loss, want, atol=1e-5)
+    # the same groups from a list of lengths (no tensor, no device)
+    assert [(g.tolist(), n) for g, n in length_groups(lengths.tolist())] == [(g.tolist(), n) for g, n in groups]
+
+
+def test_hstu_grouped_encode_gradient_equals_each_user_alone():
+    """The gradient through the grouped encoding (each group written into its rows of one output) is the
+    sum of the gradients of the users encoded alone."""
+    data = tiny_synthetic(num_users=40, mean_items=10, max_items=40)
+    torch.manual_seed(1)
+    m = build_model("hstu", data, dim=8, blocks=2, heads=2, attn_dim=4, linear_dim=4, max_len=30,
+                    num_negatives=5, rel_bias=False, negatives="position").eval()
+    users = torch.arange(data.num_users)
+    lengths = m.lengths[users]
+    w = torch.randn(len(users), int(lengths.max()), 8, generator=torch.Generator().manual_seed(2))
+    out, _, _ = m.encode(users)
+    valid = (torch.arange(out.shape[1]).view(1, -1) < lengths.view(-1, 1)).unsqueeze(-1)
+    grads = torch.autograd.grad((out * w * valid).sum(), list(m.parameters()), allow_unused=True)
+    total = None
+    for u in users.tolist():
+        alone, _, _ = m.encode(torch.tensor([u]))
+        n = int(lengths[u])
+        term = (alone[0] * w[u, :n]).sum()
+        total = term if total is None else total + term
+    want = torch.autograd.grad(total, list(m.parameters()), allow_unused=True)
+    for g, h in zip(grads, want):
+        if g is None or h is None:
+            assert g is None and h is None or (g if h is None else h).abs().max() == 0
+            continue
+        assert torch.allclose(g, h, atol=1e-5)

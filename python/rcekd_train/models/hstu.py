@@ -71,18 +71,18 @@ class HSTULayer(nn.Module):
 def length_groups(lengths):
     """[(indices, m)]: the positions of a batch grouped by the bit length of (length - 1), i.e. lengths
     1-2, 3-4, 5-8, 9-16, ..., each with ``m`` its longest length (at least 1): a group's padded cost is at
-    most about four times its own, in a handful of groups per batch."""
-    if len(lengths) == 0:
+    most about four times its own, in a handful of groups per batch. ``lengths``: a tensor (read once,
+    one host sync on a GPU) or a list of ints."""
+    values = lengths.tolist() if torch.is_tensor(lengths) else list(lengths)
+    if not values:
         return []
-    key = [max(int(v) - 1, 0).bit_length() for v in lengths.tolist()]
-    groups = {}
-    for i, k in enumerate(key):
+    groups, longest = {}, {}
+    for i, v in enumerate(values):
+        k = max(int(v) - 1, 0).bit_length()
         groups.setdefault(k, []).append(i)
-    out = []
-    for k in sorted(groups):
-        idx = torch.tensor(groups[k], dtype=torch.long, device=lengths.device)
-        out.append((idx, max(int(lengths[idx].max()), 1)))
-    return out
+        longest[k] = max(longest.get(k, 1), int(v))
+    device = lengths.device if torch.is_tensor(lengths) else None
+    return [(torch.tensor(groups[k], dtype=torch.long, device=device), longest[k]) for k in sorted(groups)]
 
 
 #: how the sampled softmax draws its negatives: "position" (num_negatives per position, the authors' code:
@@ -151,16 +151,18 @@ class HSTU(Recommender):
         CiteULike (median length 8, a batch's longest about 100) it costs about a tenth of the attention
         and a fifth of the projections of one padded batch."""
         lengths = self.lengths[users]
-        n = max(int(lengths.max()), 1) if len(users) else 1
+        groups = length_groups(lengths)  # the batch's one host sync
+        n = max((m for _, m in groups), default=1)
         ids = self.seq[users, :n]
-        groups = length_groups(lengths)
         if len(groups) <= 1:
             return self._layers(ids), ids, lengths
-        parts = [F.pad(self._layers(ids[g, :m]), (0, 0, 0, n - m)) for g, m in groups]
-        order = torch.cat([g for g, _ in groups])
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(len(order), device=order.device)
-        return torch.cat(parts)[inverse], ids, lengths
+        out = None
+        for g, m in groups:  # each group's outputs written once into their rows (zeros past a group's m)
+            y = self._layers(ids[g, :m])
+            if out is None:
+                out = y.new_zeros(len(users), n, y.shape[-1])
+            out[g, :m] = y
+        return out, ids, lengths
 
     def _layers(self, ids):
         """The L2-normalised outputs (b, m, D) of the layers for padded item ids (b, m)."""
