@@ -282,16 +282,21 @@ def test_eval_mode_restores_the_previous_mode(data):
     assert m.training and torch.is_grad_enabled()
 
 
+def _tiny_hstu_of_mixed_lengths(num_users, seed, rel_bias):
+    """(data, a small HSTU in eval mode, all users, their lengths) on a synthetic set of mixed lengths."""
+    data = tiny_synthetic(num_users=num_users, mean_items=10, max_items=40)
+    torch.manual_seed(seed)
+    m = build_model("hstu", data, dim=8, blocks=2, heads=2, attn_dim=4, linear_dim=4, max_len=30,
+                    num_negatives=5, rel_bias=rel_bias, negatives="position").eval()
+    users = torch.arange(data.num_users)
+    return data, m, users, m.lengths[users]
+
+
 def test_hstu_batch_of_mixed_lengths_equals_each_user_alone():
     """The layers run on groups of similar length (each cut to its longest): every user's outputs, user
     vector and the loss are those of the user encoded alone (its own length, no padding at all)."""
     from rcekd_train.models.hstu import length_groups
-    data = tiny_synthetic(num_users=60, mean_items=10, max_items=40)
-    torch.manual_seed(0)
-    m = build_model("hstu", data, dim=8, blocks=2, heads=2, attn_dim=4, linear_dim=4, max_len=30,
-                    num_negatives=5, rel_bias=True, negatives="position").eval()
-    users = torch.arange(data.num_users)
-    lengths = m.lengths[users]
+    data, m, users, lengths = _tiny_hstu_of_mixed_lengths(60, seed=0, rel_bias=True)
     groups = length_groups(lengths)
     assert len(groups) >= 3  # the case: several groups
     assert sorted(torch.cat([g for g, _ in groups]).tolist()) == users.tolist()
@@ -326,12 +331,7 @@ def test_hstu_batch_of_mixed_lengths_equals_each_user_alone():
 def test_hstu_grouped_encode_gradient_equals_each_user_alone():
     """The gradient through the grouped encoding (each group written into its rows of one output) is the
     sum of the gradients of the users encoded alone."""
-    data = tiny_synthetic(num_users=40, mean_items=10, max_items=40)
-    torch.manual_seed(1)
-    m = build_model("hstu", data, dim=8, blocks=2, heads=2, attn_dim=4, linear_dim=4, max_len=30,
-                    num_negatives=5, rel_bias=False, negatives="position").eval()
-    users = torch.arange(data.num_users)
-    lengths = m.lengths[users]
+    data, m, users, lengths = _tiny_hstu_of_mixed_lengths(40, seed=1, rel_bias=False)
     w = torch.randn(len(users), int(lengths.max()), 8, generator=torch.Generator().manual_seed(2))
     out, _, _ = m.encode(users)
     valid = (torch.arange(out.shape[1]).view(1, -1) < lengths.view(-1, 1)).unsqueeze(-1)
