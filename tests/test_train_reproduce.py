@@ -203,3 +203,30 @@ def test_a_new_machine_continues_from_a_committed_report(tmp_path, capsys):
         open(os.path.join(records, "teacher-mf", "seed_0", "result.json")).read()
     with pytest.raises(ValueError, match="no such folder"):
         q.import_records(str(tmp_path / "nowhere"))
+
+
+def test_a_result_trained_again_is_compared_with_its_record_up_to_rounding(tmp_path):
+    """Equal, equal up to rounding (a metric a few units in the last place away, the best epoch the same),
+    and different (a metric beyond the tolerance, or another best epoch), each said so."""
+    from rcekd_train.reproduce import RECORD_RTOL, _record_verdict, _result_differences
+    rec = {"best_epoch": 12, "valid": {"ndcg@10": 0.045738258054204714}, "test": {"ndcg@20": 0.01952078557029164}}
+    path = str(tmp_path / "result.json")
+    json.dump(rec, open(path, "w"))
+    same = json.loads(json.dumps(rec))
+    assert _result_differences(path, same) == ([], [])
+    assert _record_verdict("t/seed_0", path, same).startswith("same t/seed_0: ")
+    ulps = json.loads(json.dumps(rec))
+    ulps["valid"]["ndcg@10"] = 0.04573825805420472  # 1.5e-16 relative
+    assert _result_differences(path, ulps) == ([], ["valid ndcg@10 0.045738258054204714 -> 0.04573825805420472"])
+    v = _record_verdict("t/seed_0", path, ulps)
+    assert v.startswith("same to rounding t/seed_0: ") and "1 metric(s)" in v and "DIFFERENT" not in v
+    far = json.loads(json.dumps(rec))
+    far["test"]["ndcg@20"] *= 1 + 10 * RECORD_RTOL
+    assert _result_differences(path, far)[0] and _record_verdict("t/seed_0", path, far).startswith("DIFFERENT")
+    epoch = json.loads(json.dumps(ulps))
+    epoch["best_epoch"] = 13
+    real, rounding = _result_differences(path, epoch)
+    assert real == ["best epoch 12 -> 13"] and len(rounding) == 1
+    missing = json.loads(json.dumps(rec))
+    del missing["test"]["ndcg@20"]
+    assert _result_differences(path, missing)[0] == ["test ndcg@20 0.01952078557029164 -> None"]

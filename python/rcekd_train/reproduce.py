@@ -161,16 +161,41 @@ RECORD_DIR = "record"
 RECORD_FILES = ("result.json", "history.csv", "config.yaml", "curves.png")
 
 
-def _result_differences(record_path: str, res: Dict) -> List[str]:
-    """What differs between a recorded result and a new one (best epoch, valid and test metrics)."""
+#: relative difference of a metric below which a result trained again counts as its record up to rounding
+#: (float sums in another order move a metric by a few units in the last place, about 1e-16 relative)
+RECORD_RTOL = 1e-9
+
+
+def _result_differences(record_path: str, res: Dict, rtol: float = RECORD_RTOL) -> Tuple[List[str], List[str]]:
+    """What differs between a recorded result and a new one: (differences that matter: the best epoch, or a
+    valid or test metric by more than ``rtol`` relative; the metrics that differ by at most ``rtol``)."""
     with open(record_path) as f:
         rec = json.load(f)
-    diffs = [f"best epoch {rec.get('best_epoch')} -> {res.get('best_epoch')}"] \
+    real = [f"best epoch {rec.get('best_epoch')} -> {res.get('best_epoch')}"] \
         if rec.get("best_epoch") != res.get("best_epoch") else []
+    rounding = []
     for split in ("valid", "test"):
         a, b = rec.get(split) or {}, res.get(split) or {}
-        diffs += [f"{split} {m} {a.get(m)} -> {b.get(m)}" for m in sorted(set(a) | set(b)) if a.get(m) != b.get(m)]
-    return diffs
+        for m in sorted(set(a) | set(b)):
+            x, y = a.get(m), b.get(m)
+            if x == y:
+                continue
+            close = isinstance(x, (int, float)) and isinstance(y, (int, float)) and \
+                abs(x - y) <= rtol * max(abs(x), abs(y))
+            (rounding if close else real).append(f"{split} {m} {x} -> {y}")
+    return real, rounding
+
+
+def _record_verdict(rid: str, record_path: str, res: Dict) -> str:
+    """The log line that compares a result trained again with its record."""
+    real, rounding = _result_differences(record_path, res)
+    head = f"{rid}: the result trained again against its recorded one ({RECORD_DIR}/result.json)"
+    if real:
+        return f"DIFFERENT {head}: " + ", ".join(real)
+    if rounding:
+        return (f"same to rounding {head}: the best epoch equal, {len(rounding)} metric(s) within "
+                f"{RECORD_RTOL:g} relative (" + ", ".join(rounding) + "), the others equal")
+    return f"same {head}: every metric and the best epoch equal"
 
 
 class Queue:
@@ -281,9 +306,7 @@ class Queue:
         self.log(f"end    {r.id}: {status}, {res.get('epochs_run', res.get('epoch'))} epochs, "
                  f"{time.time() - t0:.0f} s this time")
         if status in FINISHED and os.path.exists(record):
-            self.log(f"{'same' if not (d := _result_differences(record, res)) else 'DIFFERENT'} "
-                     f"{r.id}: the result trained again against its recorded one ({RECORD_DIR}/result.json)"
-                     + (": " + ", ".join(d) if d else ": every metric and the best epoch equal"))
+            self.log(_record_verdict(r.id, record, res))
         return status
 
     def blocked(self, r: PlannedRun) -> bool:
