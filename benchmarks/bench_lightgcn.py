@@ -1,7 +1,9 @@
 """LightGCN's propagation: the training step of a LightGCN teacher with the former layer-by-layer
 sparse products (one autograd node per layer, int64 CSR indices) against the blocked layer mean of
-``rcekd_train.models.lightgcn`` (64 columns at a time through every layer, int32 indices). Both give
-the same numbers (``tests/test_train_models.py``); this measures the time.
+``rcekd_kernels.graph`` (64 columns at a time through every layer, int32 indices) by its two
+backends: ``reference`` (torch.sparse.mm per block) and ``cpp`` (csrc/cpu/graph_cpu.cpp, one pass
+per layer and block). All give the same numbers to rounding (``tests/test_graph.py``); this
+measures the time.
 
     python benchmarks/bench_lightgcn.py --dataset citeulike --data-dir DIR --dim 2000 --repeats 5
 
@@ -21,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _interleaved import parser, report, time_interleaved  # noqa: E402
 
+from rcekd_kernels import graph  # noqa: E402
+from rcekd_kernels.backends import Call, unsupported_reason  # noqa: E402
 from rcekd_train.data import load_dataset  # noqa: E402
 from rcekd_train.models import lightgcn as L  # noqa: E402
 
@@ -70,7 +74,13 @@ def main(argv=None) -> int:
         loss.backward()
         opt.step()
 
-    variants = (("per_layer_int64", lambda: step(per_layer)), ("blocked_int32", lambda: step(model.propagate)))
+    def blocked(backend):
+        return lambda: step(lambda: graph.propagate(adj, [model.user_emb.weight, model.item_emb.weight], a.layers,
+                                                    backend=backend))
+
+    variants = [("per_layer_int64", lambda: step(per_layer)), ("blocked_reference", blocked("reference"))]
+    if unsupported_reason("cpp", Call("layer_mean", "cpu", (torch.float32,))) is None:
+        variants.append(("blocked_cpp", blocked("cpp")))
     times = time_interleaved(variants, a.repeats)
     report(times, dict(threads=a.threads, dataset=a.dataset, nodes=adj.shape[0], nnz=adj._nnz(), dim=a.dim,
                        layers=a.layers), a.csv)

@@ -5,7 +5,8 @@
 // The five loss ops (schemas and binding: binding.h) take the tensors of the functions of the
 // same names in rcekd_kernels/backends/reference.py, then the flattened configuration and the
 // seed, and return the same outputs; gathered_dot(_bwd) are those of the reference's
-// gathered_dot (CPU only: on a GPU torch's gather is used).
+// gathered_dot (CPU only: on a GPU torch's gather is used); csr_layer_mean is the reference's
+// layer_mean (CPU only: LightGCN's propagation, rcekd_kernels/graph.py).
 #include <Python.h>  // only for the module's init function (import rcekd_kernels._C)
 
 #include <torch/library.h>
@@ -79,6 +80,7 @@ TORCH_LIBRARY(rcekd_C, m) {
   rcekd::define_ops(m);  // the five loss ops (binding.h)
   m.def("gathered_dot(Tensor user_vecs, Tensor item_vecs, Tensor idx) -> Tensor");
   m.def("gathered_dot_bwd(Tensor grad, Tensor user_vecs, Tensor item_vecs, Tensor idx) -> (Tensor, Tensor)");
+  m.def("csr_layer_mean(Tensor crow, Tensor col, Tensor val, Tensor[] parts, int layers, bool backward) -> Tensor[]");
   m.def("build_info() -> str", &build_info);
 }
 
@@ -86,6 +88,7 @@ TORCH_LIBRARY_IMPL(rcekd_C, CPU, m) {
   rcekd::register_ops<rcekd::cpu::Kernels>(m);
   m.impl("gathered_dot", &rcekd::cpu::gathered_dot);
   m.impl("gathered_dot_bwd", &rcekd::cpu::gathered_dot_bwd);
+  m.impl("csr_layer_mean", &rcekd::cpu::csr_layer_mean);
 }
 
 // `import rcekd_kernels._C` loads this library, which registers the ops above.

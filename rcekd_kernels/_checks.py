@@ -336,3 +336,33 @@ def check_gathered_dot(user_vecs, item_vecs, idx, *, validate: bool, grad=None) 
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= N:
             raise ValueError(f"idx holds item ids outside [0, {N}): min {lo}, max {hi}")
+
+
+def check_layer_mean(adj, parts, layers) -> None:
+    """ValueError / TypeError for arguments layer_mean does not accept (every backend): ``adj`` a
+    square sparse (COO or CSR) float matrix with a row per row of the ``parts`` together, ``parts``
+    2-D float matrices of one dtype, one number of columns and adj's device, ``layers`` >= 0."""
+    if not isinstance(adj, torch.Tensor) or adj.layout not in (torch.sparse_coo, torch.sparse_csr):
+        got = adj.layout if isinstance(adj, torch.Tensor) else type(adj).__name__
+        raise TypeError(f"layer_mean: adj must be a sparse COO or CSR tensor, got {got}")
+    if isinstance(parts, torch.Tensor) or not isinstance(parts, (list, tuple)) or not parts:
+        raise TypeError("layer_mean: parts must be a non-empty list of (rows, D) tensors")
+    for k, x in enumerate(parts):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"layer_mean: parts[{k}] must be a tensor, got {type(x).__name__}")
+        if x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(f"layer_mean: parts[{k}] must be a 2-D float tensor, got {x.dtype} {tuple(x.shape)}")
+        if x.dtype != parts[0].dtype or x.shape[1] != parts[0].shape[1] or x.device != parts[0].device:
+            raise ValueError(f"layer_mean: parts[{k}] is {x.dtype} (., {x.shape[1]}) on {x.device} but parts[0] is "
+                             f"{parts[0].dtype} (., {parts[0].shape[1]}) on {parts[0].device}: the parts must share "
+                             f"dtype, number of columns and device")
+    rows = sum(int(x.shape[0]) for x in parts)
+    if adj.dim() != 2 or tuple(adj.shape) != (rows, rows):
+        raise ValueError(f"layer_mean: adj must be ({rows}, {rows}) (the parts have {rows} rows together), "
+                         f"got {tuple(adj.shape)}")
+    if adj.dtype != parts[0].dtype:
+        raise TypeError(f"layer_mean: adj ({adj.dtype}) must have the dtype of the parts ({parts[0].dtype})")
+    if adj.device != parts[0].device:
+        raise ValueError(f"layer_mean: adj is on {adj.device} but the parts are on {parts[0].device}")
+    if _as_int(layers) is None or layers < 0:
+        raise ValueError(f"layer_mean: layers must be an integer >= 0, got {layers!r}")

@@ -31,8 +31,9 @@ def test_adjacency_against_dense_formula(data):
     assert normalized_adjacency(data, "csr").layout == torch.sparse_csr
 
 
-def test_lightgcn_layer_mean_and_one_propagation_per_step(data):
-    m = build_model("lightgcn", data, dim=8, layers=2)
+@pytest.mark.parametrize("dim", [8, 64])  # 64: the C++ propagation where the extension is built
+def test_lightgcn_layer_mean_and_one_propagation_per_step(data, dim):
+    m = build_model("lightgcn", data, dim=dim, layers=2)
     A = normalized_adjacency(data, "coo").to_dense()
     E = torch.cat([m.user_emb.weight, m.item_emb.weight])
     want = (E + A @ E + A @ A @ E) / 3
@@ -57,45 +58,6 @@ def test_lightgcn_layer_mean_and_one_propagation_per_step(data):
     ref = ref + (uvd @ ivd.T)[:, :5].sum() + (uvd.unsqueeze(1) * ivd[zeros]).sum()
     ref.backward()
     assert torch.allclose(g, m.user_emb.weight.grad, atol=1e-4)
-
-
-@pytest.mark.parametrize("dim,block", [(150, 64), (8, 64), (130, 1)])
-def test_lightgcn_column_blocks_equal_layer_by_layer_products(data, dim, block):
-    """The blocked layer mean (forward and backward) gives exactly the values of layer-by-layer
-    sparse products through autograd, whatever the block width (a row's sums keep their order)."""
-    from rcekd_train.models import lightgcn as L
-
-    torch.manual_seed(0)
-    adj = normalized_adjacency(data, "csr")
-    x = torch.randn(data.num_users + data.num_items, dim, requires_grad=True)
-    g = torch.randn_like(x)
-    U = data.num_users
-    xu, xi = x.detach()[:U].clone().requires_grad_(True), x.detach()[U:].clone().requires_grad_(True)
-    ou, oi = L._LayerMean.apply(adj, xu, xi, 3, block)
-    out = torch.cat([ou, oi])
-    (out * g).sum().backward()
-    gx = torch.cat([xu.grad, xi.grad])
-    dense = adj.to_dense()
-
-    class Sym(torch.autograd.Function):  # the former implementation: one node per layer
-        @staticmethod
-        def forward(ctx, x):
-            return torch.sparse.mm(adj, x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return torch.sparse.mm(adj, grad)
-
-    total, y = x, x
-    for _ in range(3):
-        y = Sym.apply(y)
-        total = total + y
-    want = total / 4
-    (want * g).sum().backward()
-    assert torch.equal(out, want)
-    assert torch.equal(gx, x.grad)
-    # and both are the formula, with a dense adjacency
-    assert torch.allclose(out, (x + dense @ x + dense @ dense @ x + dense @ dense @ dense @ x) / 4, atol=1e-5)
 
 
 def test_bpr_negatives_exclude_positives(data):

@@ -8,6 +8,7 @@
 #include <c10/core/DeviceType.h>
 
 #include <tuple>
+#include <vector>
 
 #include "../args.h"
 
@@ -32,6 +33,11 @@ Tensor gathered_dot(const Tensor& user_vecs, const Tensor& item_vecs, const Tens
 
 std::tuple<Tensor, Tensor> gathered_dot_bwd(const Tensor& grad, const Tensor& user_vecs, const Tensor& item_vecs,
                                             const Tensor& idx);
+
+// LightGCN's layer-mean propagation of the rows of `parts` over the CSR matrix (crow, col, val)
+// and its gradient (graph_cpu.cpp)
+std::vector<Tensor> csr_layer_mean(const Tensor& crow, const Tensor& col, const Tensor& val, at::TensorList parts,
+                                   int64_t layers, bool backward);
 
 }  // namespace cpu
 }  // namespace rcekd

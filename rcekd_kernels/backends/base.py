@@ -19,6 +19,7 @@ The ops' outputs (B = rows, W = 2K + L gathered columns [QS | A | QT]):
 ``gathered_dot_bwd``      (grad of u (B, D), grad of v (N, D))
 ``sets_from_pool``        as ``select``, from the pool (B, M) in student order and QT (B, K)
 ``topm_dot``              each row's first M items of u @ v.T: ids (B, M) int64, scores (B, M)
+``layer_mean``            LightGCN's propagation of the rows of ``parts`` over a sparse graph, per part
 ========================  ==========================================================
 
 ``counts`` = (|Q1|, |QT & A|); ``stats`` = (L1, L2, gamma, |Q1|, |QT & A|); the compute
@@ -38,8 +39,9 @@ Tensor = torch.Tensor
 #: The loss ops every backend implements.
 LOSS_OPS = ("select", "subset_ce_fwd", "subset_ce_bwd", "fused_fwd", "fused_bwd")
 #: Ops a backend may implement besides: the scores of given items from vectors, and the sets
-#: from a given pool (the rankings done elsewhere: from embeddings, across processes).
-EXTRA_OPS = ("gathered_dot", "gathered_dot_bwd", "sets_from_pool", "topm_dot")
+#: from a given pool (the rankings done elsewhere: from embeddings, across processes), and
+#: LightGCN's propagation over a sparse graph.
+EXTRA_OPS = ("gathered_dot", "gathered_dot_bwd", "sets_from_pool", "topm_dot", "layer_mean")
 OPS = LOSS_OPS + EXTRA_OPS
 
 

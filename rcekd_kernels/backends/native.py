@@ -10,7 +10,8 @@ built by ``setup.py`` or ``CMakeLists.txt``). Importing this module never fails:
 
 :data:`cpp` and :data:`cuda` are backends (:mod:`rcekd_kernels.backends.base`): ``NAME``,
 ``available(device_type)``, ``supports(call)`` and the loss ops of
-:mod:`rcekd_kernels.backends.reference`, same signatures (``cpp`` also ``gathered_dot``).
+:mod:`rcekd_kernels.backends.reference`, same signatures (``cpp`` also ``gathered_dot``,
+``topm_dot`` and ``layer_mean``).
 :func:`build_info` says what was built.
 """
 from __future__ import annotations
@@ -114,6 +115,7 @@ class _Native:
             self.gathered_dot = self._gathered_dot
             self.gathered_dot_bwd = self._gathered_dot_bwd
             self.topm_dot = self._topm_dot
+            self.layer_mean = self._layer_mean
 
     def available(self, dev: str) -> Optional[str]:
         if _ops is None:
@@ -132,6 +134,12 @@ class _Native:
             if not hasattr(_ops, "topm_dot"):
                 return "the compiled extension has no topm_dot (rebuild it)"
             return None  # float16 / bfloat16 vectors are widened to float32 first
+        if call.op == "layer_mean":
+            if not hasattr(_ops, "csr_layer_mean"):
+                return "the compiled extension has no csr_layer_mean (rebuild it)"
+            if call.dtypes != (torch.float32,):
+                return f"its layer_mean reads float32 vectors, got {list(call.dtypes)}"
+            return None
         if call.op.startswith("gathered_dot"):
             if not hasattr(_ops, "gathered_dot"):
                 return "the compiled extension has no gathered_dot (rebuild it)"
@@ -172,6 +180,13 @@ class _Native:
         ids, scores = _lib().topm_dot(u, v, int(M), exclude_offsets, exclude_ids, int(item_offset),
                                       int(block_users), int(tile_items))
         return ids, scores
+
+    def _layer_mean(self, adj, parts, layers, backward=False):
+        """``torch.ops.rcekd_C.csr_layer_mean`` (csrc/cpu/graph_cpu.cpp) on the CSR form of ``adj``."""
+        if adj.layout != torch.sparse_csr:
+            adj = adj.to_sparse_csr()
+        return list(_lib().csr_layer_mean(adj.crow_indices(), adj.col_indices(), adj.values(), list(parts),
+                                          int(layers), bool(backward)))
 
     def _gathered_dot(self, u, v, idx):
         return _lib().gathered_dot(u, v, idx)

@@ -250,3 +250,60 @@ def topm_dot(user_vecs: Tensor, item_vecs: Tensor, M: int, exclude_offsets: Opti
     ids = torch.where(c_ok, c_id + item_offset, torch.full_like(c_id, -1))
     scores = torch.where(c_ok, c_sc, torch.full_like(c_sc, float("-inf")))
     return ids, scores
+
+
+# ----------------------------------------------------------------------------- layer_mean
+# LightGCN's propagation (the op rcekd::layer_mean; rcekd_kernels/graph.py). The arguments are
+# checked by rcekd_kernels._checks.check_layer_mean before any backend runs.
+
+#: columns per block of the propagation on a CPU: (rows x 64) float32 blocks stay in the cache
+#: through all the layers, where a whole (rows x D) matrix (243 MB for CiteULike at D = 2000)
+#: streams from memory at every sparse product (the three layers at D = 2000 on one thread:
+#: 1.1 s against 2.4 s, min of 6). A GPU streams whole matrices.
+LAYER_MEAN_BLOCK = 64
+
+
+def _rows_block(parts, c: int, block: int) -> Tensor:
+    """Columns [c, c + block) of the row-wise concatenation of ``parts``, contiguous."""
+    return torch.cat([p[:, c:c + block] for p in parts]) if len(parts) > 1 else parts[0][:, c:c + block].contiguous()
+
+
+def _write_rows_block(outs, c: int, block: int, value: Tensor) -> None:
+    r = 0
+    for o in outs:
+        o[:, c:c + block] = value[r:r + o.shape[0]]
+        r += o.shape[0]
+
+
+def layer_mean(adj: Tensor, parts, layers: int, backward: bool = False, block: int = 0):
+    """For x the rows of ``parts`` one after the other (e.g. users then items: no concatenation),
+    returned split as ``parts`` are, column block by column block (``block`` columns; 0: 64 on a
+    CPU, all of them on a GPU):
+
+    * forward: (x + adj x + ... + adj^layers x) / (layers + 1) (each layer's sums are those of
+      whole-matrix products: a row's terms are added in the same order);
+    * ``backward`` (x is the gradient, adj symmetric): h + adj (h + adj (h + ...)) with
+      h = x / (layers + 1), the order in which autograd adds the terms through a layer-by-layer
+      graph, so the gradient is the same as through separate products."""
+    import warnings
+
+    if block <= 0:
+        block = LAYER_MEAN_BLOCK if parts[0].device.type == "cpu" else max(1, parts[0].shape[1])
+    outs = [torch.empty_like(p) for p in parts]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparse CSR support is a beta feature of torch
+        for c in range(0, parts[0].shape[1], block):
+            xc = _rows_block(parts, c, block)
+            if backward:
+                h = xc / (layers + 1)
+                res = h
+                for _ in range(layers):
+                    res = h + torch.sparse.mm(adj, res)
+            else:
+                res, y = xc.clone(), xc
+                for _ in range(layers):
+                    y = torch.sparse.mm(adj, y)
+                    res += y
+                res = res / (layers + 1)
+            _write_rows_block(outs, c, block, res)
+    return outs

@@ -2,9 +2,10 @@
 
 The symmetric normalised adjacency D^-1/2 A D^-1/2 of the bipartite graph (users
 then items, (U + I) nodes) is built from the training pairs directly as a sparse
-matrix (no dense (U + I)^2 matrix ever exists). Propagation runs once per training
-step (``base_loss`` returns the propagated vectors, which the KD loss reuses) and
-once per evaluation.
+matrix (no dense (U + I)^2 matrix ever exists). Propagation (rcekd_kernels.graph:
+the layer mean and its gradient as one autograd node, by column blocks) runs once per
+training step (``base_loss`` returns the propagated vectors, which the KD loss reuses)
+and once per evaluation.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
+
+from rcekd_kernels.graph import propagate
 
 from .base import Recommender, bpr_loss
 
@@ -40,74 +43,6 @@ def normalized_adjacency(data, fmt: str = "csr") -> torch.Tensor:
     return adj
 
 
-#: columns per block of the propagation: (U + I) x 64 float32 rows stay in the cache through all the
-#: layers, where a whole (U + I) x D matrix (243 MB for CiteULike at D = 2000) streams from memory at
-#: every sparse product (the three layers at D = 2000 on one thread: 1.1 s against 2.4 s, min of 6)
-COLUMN_BLOCK = 64
-
-
-def _rows_block(parts, c: int, block: int) -> torch.Tensor:
-    """Columns [c, c + block) of the row-wise concatenation of ``parts``, contiguous."""
-    return torch.cat([p[:, c:c + block] for p in parts]) if len(parts) > 1 else parts[0][:, c:c + block].contiguous()
-
-
-def _write_rows_block(outs, c: int, block: int, value: torch.Tensor) -> None:
-    r = 0
-    for o in outs:
-        o[:, c:c + block] = value[r:r + o.shape[0]]
-        r += o.shape[0]
-
-
-def _layer_mean(adj: torch.Tensor, parts, layers: int, block: int, backward: bool = False):
-    """For x the rows of ``parts`` one after the other (users then items: no (U + I) x D concatenation),
-    returned split as ``parts`` are, column block by column block:
-
-    * forward: (x + adj x + ... + adj^layers x) / (layers + 1) (the sums of each row are those of
-      whole-matrix products: a row's products are added in the same order);
-    * ``backward`` (x is the gradient, adj symmetric): h + adj (h + adj (h + ...)) with
-      h = x / (layers + 1), the order in which autograd adds the terms through the layer-by-layer
-      graph, so the gradient is the same as through separate products."""
-    outs = [torch.empty_like(p) for p in parts]
-    for c in range(0, parts[0].shape[1], block):
-        xc = _rows_block(parts, c, block)
-        if backward:
-            h = xc / (layers + 1)
-            res = h
-            for _ in range(layers):
-                res = h + torch.sparse.mm(adj, res)
-        else:
-            res, y = xc.clone(), xc
-            for _ in range(layers):
-                y = torch.sparse.mm(adj, y)
-                res += y
-            res = res / (layers + 1)
-        _write_rows_block(outs, c, block, res)
-    return outs
-
-
-class _LayerMean(torch.autograd.Function):
-    """The layer-mean readout of LightGCN as one autograd node, from the user and the item embeddings to
-    the propagated user and item vectors: the forward and the backward each run ``layers`` sparse
-    products per column block, with no (U + I) x D intermediate kept for the backward (adj is
-    symmetric, so the backward is the same propagation of the gradient)."""
-
-    @staticmethod
-    def forward(ctx, adj, user_emb, item_emb, layers, block):
-        ctx.adj, ctx.layers, ctx.block = adj, layers, block
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            u, i = _layer_mean(adj, [user_emb, item_emb], layers, block)
-        return u, i
-
-    @staticmethod
-    def backward(ctx, g_user, g_item):
-        grads = [g.contiguous() for g in (g_user, g_item)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            du, di = _layer_mean(ctx.adj, grads, ctx.layers, ctx.block, backward=True)
-        return None, du, di, None, None
-
-
 class LightGCN(Recommender):
     name = "lightgcn"
 
@@ -130,11 +65,11 @@ class LightGCN(Recommender):
         return self._adj
 
     def propagate(self):
-        """(all user vectors, all item vectors) after the layer-mean readout."""
+        """(all user vectors, all item vectors) after the layer-mean readout (one autograd node:
+        rcekd_kernels.graph.propagate, the C++ kernel on a CPU for 64 columns or more)."""
         self.propagations += 1
-        ue, ie = self.user_emb.weight, self.item_emb.weight
-        block = COLUMN_BLOCK if ue.device.type == "cpu" else ue.shape[1]  # a GPU streams whole matrices
-        return _LayerMean.apply(self.adj, ue, ie, self.layers, block)
+        u, i = propagate(self.adj, [self.user_emb.weight, self.item_emb.weight], self.layers)
+        return u, i
 
     def represent(self, users):
         u, i = self.propagate()
