@@ -180,3 +180,16 @@ def test_the_compiled_op_checks_its_arguments():
     out = op(crow, torch.tensor([1, 0, 2]), val, [x[:2], x[2:]], 1, False)  # permutation + self loop
     want = (x + x[[1, 0, 2]]) / 2
     torch.testing.assert_close(torch.cat(out), want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_shapes(backend):
+    """No columns, a part without rows, and a non-contiguous part give the formula's shapes and values."""
+    adj, A, U = bipartite()
+    x = torch.randn(A.shape[0], 0)
+    u, i = graph.layer_mean(adj, [x[:U], x[U:]], 3, backend=backend)
+    assert u.shape == (U, 0) and i.shape == (A.shape[0] - U, 0)
+    y = torch.randn(80, A.shape[0]).T  # (rows, 80), not contiguous
+    empty, whole = graph.layer_mean(adj, [y[:0], y], 2, backend=backend)
+    assert empty.shape == (0, 80)
+    torch.testing.assert_close(whole.double(), oracle(A, y, 2), rtol=1e-5, atol=1e-6)
