@@ -171,6 +171,12 @@ def test_the_compiled_op_checks_its_arguments():
     val = torch.ones(3)
     with pytest.raises(RuntimeError, match="outside"):
         op(crow, torch.tensor([0, 1, 7]), val, [x], 2, False)
+    with pytest.raises(RuntimeError, match="outside"):  # 2^32 + 1 would wrap to 1 in int32
+        op(crow, torch.tensor([0, 1, 2**32 + 1]), val, [x], 2, False)
+    with pytest.raises(RuntimeError, match="outside"):
+        op(crow, torch.tensor([0, -1, 2]), val, [x], 2, False)
+    with pytest.raises(RuntimeError, match="integer tensors"):
+        op(crow, torch.tensor([0.0, 1.0, 2.0]), val, [x], 2, False)
     with pytest.raises(RuntimeError, match="rows \\+ 1"):
         op(crow[:3], torch.tensor([0, 1, 2]), val, [x], 2, False)
     with pytest.raises(RuntimeError, match="non-decreasing"):

@@ -233,17 +233,22 @@ std::vector<Tensor> csr_layer_mean(const Tensor& crow_in, const Tensor& col_in, 
   TORCH_CHECK(val_in.scalar_type() == at::kFloat && val_in.dim() == 1 && col_in.dim() == 1 &&
                   col_in.numel() == val_in.numel(),
               "csr_layer_mean: values must be float32 and as many as col_indices");
+  TORCH_CHECK(R < (int64_t(1) << 31), msg("csr_layer_mean: at most 2^31 - 1 rows, got ", R));
+  TORCH_CHECK(at::isIntegralType(crow_in.scalar_type(), /*includeBool=*/false) &&
+                  at::isIntegralType(col_in.scalar_type(), /*includeBool=*/false),
+              "csr_layer_mean: crow_indices and col_indices must be integer tensors");
+  // the ids are checked in their own dtype, before the narrowing to int32 could wrap a bad one into range
+  TORCH_CHECK(col_in.numel() == 0 || (col_in.min().item<int64_t>() >= 0 && col_in.max().item<int64_t>() < R),
+              msg("csr_layer_mean: col_indices holds ids outside [0, ", R, ")"));
   const Tensor crow = crow_in.to(at::kLong).contiguous();
   const Tensor col = col_in.to(at::kInt).contiguous();
   const Tensor val = val_in.contiguous();
   const int64_t nnz = col.numel();
   const int64_t* cp = crow.data_ptr<int64_t>();
-  const int32_t* colp = col.data_ptr<int32_t>();
+  const int32_t* colp = col.data_ptr<int32_t>();  // every id in [0, R): checked above
   TORCH_CHECK(cp[0] == 0 && cp[R] == nnz, "csr_layer_mean: crow_indices must run from 0 to nnz");
   for (int64_t r = 0; r < R; ++r)
     TORCH_CHECK(cp[r] <= cp[r + 1], "csr_layer_mean: crow_indices must be non-decreasing");
-  for (int64_t j = 0; j < nnz; ++j)  // a bad id is an error here, not a read out of bounds below
-    TORCH_CHECK(colp[j] >= 0 && colp[j] < R, msg("csr_layer_mean: col_indices holds ", colp[j], " outside [0, ", R, ")"));
 
   std::vector<Tensor> in, outs;
   for (const Tensor& t : parts) {
