@@ -9,6 +9,8 @@ measures the time.
 
 A step: propagation, BPR loss of a random batch, backward, Adam. The two variants run interleaved on
 the same model, one thread unless ``--threads``; min and median per variant, written to ``--csv``.
+Importing the drivers sets ``THP_MEM_ALLOC_ENABLE=1`` (huge pages for large tensors) unless it is set:
+``THP_MEM_ALLOC_ENABLE=0 python benchmarks/bench_lightgcn.py ...`` times 4 KB pages.
 """
 from __future__ import annotations
 

@@ -173,3 +173,39 @@ def test_an_unexpected_error_is_one_line_too(capsys, monkeypatch):
     monkeypatch.setattr(C, "cmd_collect", lambda a: {}["missing"])
     rc, lines = cli(capsys, ["collect", "--out", "x"])
     assert rc == 2 and lines == ["rcekd: error: KeyError: 'missing' (unexpected: --debug shows where)"]
+
+
+HUGE_PAGE_PROBE = (
+    "import rcekd_train, os, torch\n"
+    "x = torch.ones(64 * 2**20)  # 256 MB, touched\n"
+    "huge = sum(int(l.split()[1]) for l in open('/proc/self/smaps') if l.startswith('AnonHugePages:'))\n"
+    "print(os.environ['THP_MEM_ALLOC_ENABLE'], os.environ['OMP_WAIT_POLICY'], huge)\n")
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
+def test_drivers_ask_for_huge_pages_before_torch_loads():
+    """Importing rcekd_train sets THP_MEM_ALLOC_ENABLE=1 and OMP_WAIT_POLICY=PASSIVE unless the user set
+    them, early enough that torch's allocator puts a large tensor on huge pages (where the kernel allows
+    them: not in mode `never`)."""
+    from test_train_helpers import subprocess_env
+    env = {k: v for k, v in subprocess_env().items() if k not in ("THP_MEM_ALLOC_ENABLE", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    thp, wait, huge = out.stdout.split()
+    assert (thp, wait) == ("1", "PASSIVE")
+    if _thp_mode() in ("madvise", "always"):
+        assert int(huge) > 0, "a 256 MB tensor got no huge page"
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], capture_output=True, text=True,
+                         env=dict(env, THP_MEM_ALLOC_ENABLE="0", OMP_WAIT_POLICY="ACTIVE"))
+    thp, wait, huge = out.stdout.split()
+    assert (thp, wait) == ("0", "ACTIVE")  # the user's choice is kept
+    if _thp_mode() == "madvise":
+        assert int(huge) == 0

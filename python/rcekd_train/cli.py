@@ -403,8 +403,6 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    # OpenMP threads that spin while waiting are very slow on a busy machine; must be set before torch loads
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
