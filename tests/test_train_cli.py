@@ -209,3 +209,38 @@ def test_drivers_ask_for_huge_pages_before_torch_loads():
     assert (thp, wait) == ("0", "ACTIVE")  # the user's choice is kept
     if _thp_mode() == "madvise":
         assert int(huge) == 0
+
+
+REUSE_PROBE = (
+    "import resource, sys, torch\n"
+    "from rcekd_train.memory import keep_freed_memory\n"
+    "applied = keep_freed_memory() if sys.argv[1] == 'keep' else False\n"
+    "x = torch.ones(64 * 2**20); del x  # 256 MB, touched, freed\n"
+    "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+    "x = torch.ones(32 * 2**20)  # 128 MB: fits in the freed block with room for its alignment\n"
+    "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc is a Linux matter")
+def test_keep_freed_memory_reuses_pages_without_faults():
+    """After keep_freed_memory() a freed 256 MB tensor's pages serve the next 128 MB one without a page
+    fault; with glibc's defaults (or RCEKD_KEEP_FREED_MEMORY=0) that allocation faults every 4 KB page in
+    again. Counted by the process's minor faults, huge pages off."""
+    from test_train_helpers import subprocess_env
+    env = dict(subprocess_env(), THP_MEM_ALLOC_ENABLE="0")
+    env.pop("RCEKD_KEEP_FREED_MEMORY", None)
+
+    def run(mode, **extra):
+        out = subprocess.run([sys.executable, "-c", REUSE_PROBE, mode], capture_output=True, text=True,
+                             env=dict(env, **extra))
+        assert out.returncode == 0, out.stderr
+        applied, faults = out.stdout.split()
+        return applied, int(faults)
+
+    applied, faults = run("keep")
+    if applied == "False":
+        pytest.skip("no glibc mallopt in this process")
+    assert faults < 1000, faults
+    assert run("default")[1] > 30000  # 32,768 pages of 4 KB
+    applied, faults = run("keep", RCEKD_KEEP_FREED_MEMORY="0")
+    assert applied == "False" and faults > 30000

@@ -10,6 +10,7 @@ import time
 import traceback
 
 from . import parallel
+from .memory import keep_freed_memory
 
 EPILOG = """examples:
   rcekd demo                                   # synthetic data: teacher, scratch student, RCE-KD student
@@ -403,6 +404,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
+    keep_freed_memory()  # the next step reuses the freed pages of the last one (rcekd_train/memory.py)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parser.parse_args(argv)
