@@ -55,6 +55,11 @@ def report(times: Dict[str, List[float]], fields: Dict, csv_path: Optional[str])
                          machine=platform.processor() or platform.machine(), **fields, variant=k,
                          min_s=round(min(ts), 4), median_s=round(med, 4), speedup=round(base / med, 3)))
         print(f"{k:16s} min {min(ts):.3f} s  median {med:.3f} s  speed-up {base / med:.2f}x")
+    append_csv(rows, csv_path)
+
+
+def append_csv(rows: List[Dict], csv_path: Optional[str]) -> None:
+    """Appends ``rows`` to ``csv_path`` (the header first when the file is new); nothing without a path."""
     if csv_path:
         new = not os.path.exists(csv_path)
         with open(csv_path, "a", newline="") as f:

@@ -31,6 +31,18 @@ from rcekd_train.data import load_dataset  # noqa: E402
 from rcekd_train.models import lightgcn as L  # noqa: E402
 
 
+def train_step(data, opt, batch_size: int, generator: torch.Generator, prop) -> None:
+    """One teacher step: ``prop()`` gives the (users, items) vectors, then BPR on a random batch, backward
+    and the optimiser's step."""
+    users = torch.randint(0, data.num_users, (batch_size,), generator=generator)
+    pos, neg = (torch.randint(0, data.num_items, (batch_size,), generator=generator) for _ in range(2))
+    u, i = prop()
+    loss = L.bpr_loss(u[users], i, pos, neg)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
 def main(argv=None) -> int:
     ap = parser(__doc__, "steps per variant (after one warm-up each)")
     ap.add_argument("--dim", type=int, default=2000, help="embedding size (the authors' teacher: 2000)")
@@ -67,14 +79,7 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
 
     def step(prop):
-        n = a.batch_size
-        users = torch.randint(0, data.num_users, (n,), generator=g)
-        pos, neg = (torch.randint(0, data.num_items, (n,), generator=g) for _ in range(2))
-        u, i = prop()
-        loss = L.bpr_loss(u[users], i, pos, neg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(data, opt, a.batch_size, g, prop)
 
     def blocked(backend):
         return lambda: step(lambda: graph.propagate(adj, [model.user_emb.weight, model.item_emb.weight], a.layers,

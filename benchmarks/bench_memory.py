@@ -16,7 +16,6 @@ faults per step. Medians over the rounds, printed and appended to ``--csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import json
 import os
@@ -36,10 +35,12 @@ def child(a) -> None:
     import time
 
     sys.path.insert(0, os.path.join(HERE, "..", "python"))
+    sys.path.insert(0, HERE)
     from rcekd_train.memory import keep_freed_memory  # sets nothing unless RCEKD_KEEP_FREED_MEMORY allows
 
     keep_freed_memory()
     import torch
+    from bench_lightgcn import train_step
 
     from rcekd_kernels import graph
     from rcekd_train.data import load_dataset
@@ -51,16 +52,10 @@ def child(a) -> None:
     model = L.LightGCN(data, dim=a.dim, layers=a.layers)
     opt = make_optimizer(model, 1e-3, 1e-7)  # the trainer's (fused) Adam
     g = torch.Generator().manual_seed(0)
+    parts = [model.user_emb.weight, model.item_emb.weight]
 
     def step():
-        n = a.batch_size
-        users = torch.randint(0, data.num_users, (n,), generator=g)
-        pos, neg = (torch.randint(0, data.num_items, (n,), generator=g) for _ in range(2))
-        u, i = graph.propagate(model.adj, [model.user_emb.weight, model.item_emb.weight], a.layers, backend="cpp")
-        loss = L.bpr_loss(u[users], i, pos, neg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(data, opt, a.batch_size, g, lambda: graph.propagate(model.adj, parts, a.layers, backend="cpp"))
 
     step()
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -74,7 +69,7 @@ def child(a) -> None:
 
 def main(argv=None) -> int:
     sys.path.insert(0, HERE)
-    from _interleaved import parser
+    from _interleaved import append_csv, parser
 
     ap = parser(__doc__, "timed steps per process (after one warm-up)")
     ap.add_argument("--rounds", type=int, default=3, help="processes per setting, alternated")
@@ -110,13 +105,7 @@ def main(argv=None) -> int:
                          sys_s=round(med["sys_s"], 4), minflt=round(med["minflt"]), cpu_speedup=round(base / cpu, 3)))
         print(f"{name:9s} median wall {med['wall_s']:.3f} s  cpu {cpu:.3f} s  sys {med['sys_s']:.3f} s  "
               f"minor faults {med['minflt']:.0f}  cpu speed-up {base / cpu:.2f}x")
-    if a.csv:
-        new = not os.path.exists(a.csv)
-        with open(a.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                w.writeheader()
-            w.writerows(rows)
+    append_csv(rows, a.csv)
     return 0
 
 

@@ -205,6 +205,7 @@ def test_drivers_ask_for_huge_pages_before_torch_loads():
         assert int(huge) > 0, "a 256 MB tensor got no huge page"
     out = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], capture_output=True, text=True,
                          env=dict(env, THP_MEM_ALLOC_ENABLE="0", OMP_WAIT_POLICY="ACTIVE"))
+    assert out.returncode == 0, out.stderr
     thp, wait, huge = out.stdout.split()
     assert (thp, wait) == ("0", "ACTIVE")  # the user's choice is kept
     if _thp_mode() == "madvise":

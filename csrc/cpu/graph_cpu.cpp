@@ -19,6 +19,7 @@
 #include "../binding.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -238,8 +239,11 @@ std::vector<Tensor> csr_layer_mean(const Tensor& crow_in, const Tensor& col_in, 
                   at::isIntegralType(col_in.scalar_type(), /*includeBool=*/false),
               "csr_layer_mean: crow_indices and col_indices must be integer tensors");
   // the ids are checked in their own dtype, before the narrowing to int32 could wrap a bad one into range
-  TORCH_CHECK(col_in.numel() == 0 || (col_in.min().item<int64_t>() >= 0 && col_in.max().item<int64_t>() < R),
-              msg("csr_layer_mean: col_indices holds ids outside [0, ", R, ")"));
+  if (col_in.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(col_in);  // one pass
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < R,
+                msg("csr_layer_mean: col_indices holds ids outside [0, ", R, ")"));
+  }
   const Tensor crow = crow_in.to(at::kLong).contiguous();
   const Tensor col = col_in.to(at::kInt).contiguous();
   const Tensor val = val_in.contiguous();

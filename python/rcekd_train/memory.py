@@ -3,7 +3,8 @@
 A training step allocates the same large tensors afresh every time (a LightGCN teacher at dim 2000 on
 CiteULike: its (30,400, 2000) propagation outputs and embedding gradients, 243 MB each). glibc's malloc
 maps every block above 32 MB from the kernel and unmaps it when freed, so each step faults all those
-pages in again and the kernel zeroes them: 0.6 s of system time in a 2.3 s step. Two settings remove
+pages in again and the kernel zeroes them: 225,000 minor faults and 0.46 s of system time in a 2.5 s
+step (benchmarks/bench_memory.py). Two settings remove
 most of it, the numbers unchanged:
 
 * ``THP_MEM_ALLOC_ENABLE=1`` (set when ``rcekd_train`` is imported, unless set): torch's CPU allocator
