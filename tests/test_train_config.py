@@ -228,3 +228,50 @@ def test_a_key_added_later_reads_as_what_older_records_did():
     # another model never has the key: no difference either way; a real difference is still one
     assert config_differences({"model": {"name": "mf"}}, {"model": {"name": "mf"}}) == []
     assert config_differences(old, {**new, "seed": 1}) == [("seed", 0, 1)]
+
+
+def _walk(cfg, dotted):
+    for k in dotted.split("."):
+        cfg = cfg[k]
+    return cfg
+
+
+def test_marked_ours_finds_keys_values_and_reasons(tmp_path):
+    """The ``# ours`` settings of a YAML file: dotted key path through nested block mappings, the value as
+    written, the comment with its continuation lines; other comments and shallower lines are not joined."""
+    from rcekd_train.config import marked_ours
+    f = tmp_path / "x.yaml"
+    f.write_text(
+        "# header, ours in a comment line is not a key\n"
+        "a: 1                  # the authors'\n"
+        "b:\n"
+        "  c:\n"
+        "    d: 2              # ours: first line\n"
+        "                      # second line\n"
+        "    e: x              # theirs\n"
+        "  f: {g: 3}           # ours because\n"
+        "h:                    # ours: a whole section\n"
+        "  i: 4\n"
+        "# a comment at the top level is not a continuation\n"
+        "j->k: 5               # ours\n")
+    got = marked_ours(str(f))
+    assert got == [
+        {"key": "b.c.d", "value": "2", "why": "first line second line"},
+        {"key": "b.f", "value": "{g: 3}", "why": "because"},
+        {"key": "h", "value": "", "why": "a whole section"},
+        {"key": "j->k", "value": "5", "why": ""},
+    ]
+    loaded = yaml.safe_load(f.read_text())
+    for r in got:
+        if r["value"]:
+            assert _walk(loaded, r["key"]) == yaml.safe_load(r["value"])
+
+
+@pytest.mark.parametrize("name", ["citeulike", "gowalla", "yelp2018", "defaults"])
+def test_packaged_marked_ours_are_real_settings(name):
+    """Every ``# ours`` mark of a packaged config names a key that the loaded config holds, with that value."""
+    from rcekd_train.config import marked_ours, packaged
+    cfg = packaged(name)
+    for r in marked_ours(name):
+        assert _walk(cfg, r["key"]) == yaml.safe_load(r["value"]), r
+        assert r["why"], r

@@ -363,6 +363,31 @@ def test_dcd_authors_variant(setting):
     assert float(loss.detach()) == pytest.approx(want, rel=1e-4)
 
 
+def test_dcd_student_list_skips_training_items(setting):
+    """over_from: student with exclude_train: the over-ranked items come from the student's top ``pool`` items
+    that are not training items (the teacher ranks those last: they would all count as over-ranked); those
+    the teacher ranks lower than the student (d' = rank_T - rank_S > 0, weight >= tanh(1/3)) are drawn first."""
+    data, teacher, student, full_t = setting
+    pool, L = 12, 3
+    kd = DCD(teacher, data, seed=5, L=L, pool=pool, scale=3.0, floor=1e-5, over_from="student", order="under_over",
+             exclude_train=True, user_weight="one")
+    kd.on_epoch_start(student, 0)
+    s_all = (student.user_emb.weight @ student.item_emb.weight.T).detach()
+    exact, n_train_in_top = 0, 0
+    for u in range(data.num_users):
+        train = set(data.train.items_of(u).tolist())
+        s_list = [j for j in brute_topk(s_all[u], data.num_items) if j not in train][:pool]
+        n_train_in_top += len(set(brute_topk(s_all[u], pool)) & train)
+        t_row = full_t[u].clone()
+        t_row[list(train)] = float("-inf")
+        over = kd.below[u].tolist()
+        assert len(set(over)) == L and set(over) <= set(s_list) and not set(over) & train
+        d = {j: int((t_row > t_row[j]).sum()) - int((s_all[u] > s_all[u, j]).sum()) for j in s_list}
+        exact += sum(d[j] > 0 for j in over) == min(L, sum(v > 0 for v in d.values()))
+    assert n_train_in_top > 0  # the case is exercised: the student's unmasked top holds training items
+    assert exact >= 0.97 * data.num_users
+
+
 def test_baseline_options_are_checked(setting):
     data, teacher, student, full_t = setting
     with pytest.raises(ValueError, match="guide"):

@@ -146,6 +146,12 @@ def test_table_report_files(tmp_path, runs):
     assert len(rk) == 4 and rk[0]["best_baseline"] == "rrd"
     j = json.load(open(os.path.join(out, "summary.json")))
     assert j["metric_convention"] == ["ours"] and j["dataset"] == "citeulike"
+    # the settings that are not the authors' are listed, each from its "# ours" mark in the packaged config
+    from rcekd_train.config import marked_ours
+    assert j["not_authors"] == marked_ours("citeulike") and len(j["not_authors"]) >= 1
+    assert "## Settings that are not the authors'" in md
+    for r in j["not_authors"]:
+        assert f"* `{r['key']}: {r['value']}`: {r['why']}" in md
     try:
         import matplotlib  # noqa: F401
         assert os.path.getsize(os.path.join(out, "summary.png")) > 1000

@@ -117,6 +117,41 @@ def packaged(name: str) -> Dict:
     return load_yaml(path)
 
 
+def marked_ours(name: str) -> List[Dict]:
+    """The settings of packaged config ``name`` (or of the YAML file at path ``name``) that are marked ``# ours``
+    (a value that is not the authors'), in file order: ``{"key": dotted path, "value": the YAML text, "why": the
+    comment}``; a comment continued on the following comment-only lines (indented past the key) is joined to it.
+    Keys of block mappings only (a flow mapping such as ``{a: 1}`` is one value)."""
+    path = name if name.endswith(".yaml") else os.path.join(CONFIG_DIR, f"{name}.yaml")
+    lines = open(path, encoding="utf-8").read().splitlines()
+    out: List[Dict] = []
+    stack: List = []  # (indent, key) of the enclosing block mappings
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        body = line.split("#", 1)[0].rstrip()
+        if not body.strip():
+            continue
+        indent = len(body) - len(body.lstrip())
+        key, sep, value = body.strip().partition(":")
+        if not sep:
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if "#" in line and line.split("#", 1)[1].strip().startswith("ours"):
+            why = [line.split("#", 1)[1].strip()[len("ours"):].lstrip(" :")]
+            while i < len(lines) and lines[i].strip().startswith("#") and \
+                    len(lines[i]) - len(lines[i].lstrip()) > indent:
+                why.append(lines[i].strip()[1:].strip())
+                i += 1
+            out.append({"key": ".".join([k for _, k in stack] + [key.strip()]), "value": value.strip(),
+                        "why": " ".join(w for w in why if w)})
+        if not value.strip():
+            stack.append((indent, key.strip()))
+    return out
+
+
 def merge(base: Dict, over: Optional[Dict]) -> Dict:
     """Recursive merge (``over`` wins); returns a new dict."""
     out = copy.deepcopy(base)

@@ -217,6 +217,15 @@ def _pval(p):
     return "—" if p is None else (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}")
 
 
+def not_authors(dataset: str) -> List[Dict]:
+    """The settings of the data set's packaged config marked ``# ours`` (key, value, reason), [] without one."""
+    from . import config as C
+    try:
+        return C.marked_ours(dataset)
+    except FileNotFoundError:
+        return []
+
+
 def table_report(runs_dir: str, dataset: str, out: str, seeds=None, copy_runs: bool = True) -> Dict:
     """The paper-layout report (see above) of the runs in ``runs_dir``; returns the JSON it writes."""
     from .data import canonical_name
@@ -244,7 +253,7 @@ def table_report(runs_dir: str, dataset: str, out: str, seeds=None, copy_runs: b
 
     report = {"dataset": dataset, "runs_dir": os.path.basename(os.path.normpath(runs_dir)), "seeds": seeds_seen,
               "metric_convention": conventions, "split": "test", "paper_source": paper_meta.get("source"),
-              "table1": {}, "ablation": {}}
+              "table1": {}, "ablation": {}, "not_authors": not_authors(dataset)}
     for pair in PAIRS:
         entry = {"rows": {}, "rcekd_vs_best": {}}
         pp = paper_t1.get(pair, {})
@@ -395,6 +404,11 @@ def _table_markdown(report: Dict, have_paper: bool) -> str:
         line += [_pval(r["metrics"]["recall@20"]["p_vs_full"]), _pval(r["metrics"]["ndcg@20"]["p_vs_full"]),
                  str(r["n"])]
         lines.append("| " + " | ".join(line) + " |")
+    if report.get("not_authors"):
+        lines += ["", "## Settings that are not the authors'", "",
+                  f"Every hyperparameter is the value of the authors' configs except these (marked `# ours` in "
+                  f"`python/rcekd_train/configs/{report['dataset']}.yaml`):", ""]
+        lines += [f"* `{r['key']}: {r['value']}`: {r['why']}" for r in report["not_authors"]]
     lines += ["", "![NDCG@20 per pair and ablation](summary.png)", ""]
     return "\n".join(lines)
 

@@ -234,11 +234,13 @@ class DCD(KDMethod):
     those the student ranks lower than the teacher (discrepancy d = rank_S - rank_T > 0) are drawn (L of
     them) with probability proportional to max(tanh(max(d, 0) / scale), floor); over-ranked items
     (d' = rank_T - rank_S > 0) are drawn likewise among the student's top ``pool`` (``over_from: student``)
-    or among the teacher's top ``pool`` (``over_from: teacher``, the authors' code). ``order: teacher``: the
-    2L items are ordered by the teacher's ranking and distilled listwise (Plackett-Luce NLL of that order);
+    or among the teacher's top ``pool`` (``over_from: teacher``, the authors' code; with a student far from the
+    teacher almost no item of that list is over-ranked, and the draw is then uniform over it). ``order: teacher``:
+    the 2L items are ordered by the teacher's ranking and distilled listwise (Plackett-Luce NLL of that order);
     ``order: under_over`` (the authors' code): the under-ranked items, in the order drawn, must come first
     and above the over-ranked ones (whose order is free). ``exclude_train`` (the authors' code): the
-    teacher's list and ranks skip the users' training items."""
+    teacher's list and ranks skip the users' training items (and so does the student's list with
+    ``over_from: student``; the student's ranks count every item, as the authors' code)."""
     name = "dcd"
     defaults = dict(L=20, pool=100, scale=100.0, floor=1e-6, over_from="student", order="teacher",
                     exclude_train=False, user_weight="count", reduction="sum", chunk=512)
@@ -280,10 +282,11 @@ class DCD(KDMethod):
             s = dot_all(uv[users], iv).float()
             s_sorted = torch.sort(s, dim=1, descending=True).values
             qt = tlist[users.to(tlist.device)].to(uv.device)
+            train = self.data.train_mask_rows(users).to(uv.device) if h["exclude_train"] and fresh else None
             if fresh:
                 t = self.teacher.score_rows(users).float()
-                if h["exclude_train"]:
-                    t = t.masked_fill(self.data.train_mask_rows(users), float("-inf"))
+                if train is not None:
+                    t = t.masked_fill(train, float("-inf"))
                 t_sorted = torch.sort(t, dim=1, descending=True).values
                 rank_t = self.ranks_sorted(t_sorted, t, qt)
                 rank_t_parts.append(rank_t)
@@ -291,7 +294,9 @@ class DCD(KDMethod):
                 rank_t = self._rank_t[ci]
             d_up = self.ranks_sorted(s_sorted, s, qt) - rank_t
             if h["over_from"] == "student":
-                cand = ranked_topk(s, h["pool"])
+                # exclude_train: the student's list skips the training items too (the teacher ranks them last,
+                # so they would all be drawn as over-ranked and pushed below the teacher's items)
+                cand = ranked_topk(s if train is None else s.masked_fill(train, float("-inf")), h["pool"])
                 d_down = self.ranks_sorted(t_sorted, t, cand) - self.ranks_sorted(s_sorted, s, cand)
             else:
                 cand, d_down = qt, -d_up
