@@ -532,3 +532,22 @@ def test_rcekd_from_embeddings_equals_full_rows(setting, refresh, variant, exclu
     assert d_e.keys() == d_d.keys() and d_e == pytest.approx(d_d, rel=1e-5)
     for a, b in zip(g_e, g_d):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_dcd_teacher_sorted_rows_kept_across_epochs(setting, monkeypatch):
+    """over_from: student keeps the teacher's sorted rows from the first epoch (several chunks of users): a
+    later epoch draws exactly what an instance that sorts them again (no room to keep them) draws."""
+    import rcekd_train.kd.baselines as B
+    data, teacher, student, full_t = setting
+    hp = dict(L=4, pool=15, scale=3.0, over_from="student", order="under_over", exclude_train=True, chunk=7)
+    kd = DCD(teacher, data, seed=3, **hp)
+    kd.on_epoch_start(student, 0)
+    assert len(kd._t_sorted) == -(-data.num_users // 7)
+    with torch.no_grad():
+        student.user_emb.weight.add_(0.3 * torch.randn_like(student.user_emb.weight))
+    kd.on_epoch_start(student, 1)
+    monkeypatch.setattr(B, "TEACHER_SORT_CACHE_BYTES", 0)
+    again = DCD(teacher, data, seed=3, **hp)
+    again.on_epoch_start(student, 1)
+    assert getattr(again, "_t_sorted", None) is None
+    assert torch.equal(kd.items, again.items) and torch.equal(kd.below, again.below)

@@ -229,6 +229,10 @@ def teacher_list(teacher, data, n: int, exclude_train: bool, chunk: int = 1024, 
     return got
 
 
+# DCD with over_from: student keeps the teacher's sorted score rows (users x items float32) up to this size
+TEACHER_SORT_CACHE_BYTES = 1 << 30
+
+
 class DCD(KDMethod):
     """User-side dual correction distillation. Each epoch, per user: among the teacher's top ``pool`` items,
     those the student ranks lower than the teacher (discrepancy d = rank_S - rank_T > 0) are drawn (L of
@@ -275,7 +279,13 @@ class DCD(KDMethod):
         # they are computed on the first epoch and kept (same values, no teacher rows afterwards)
         keep_rank_t = h["over_from"] == "teacher"
         fresh = not keep_rank_t or getattr(self, "_rank_t", None) is None
-        rank_t_parts = []
+        # over_from: student -> the teacher's sorted rows are needed every epoch (its ranks of the student's
+        # items): sorted on the first epoch and kept when they fit in TEACHER_SORT_CACHE_BYTES (the same values,
+        # so the same draws; half of an epoch's sorting)
+        keep_sorted = h["over_from"] == "student" and \
+            self.data.num_users * self.data.num_items * 4 <= TEACHER_SORT_CACHE_BYTES
+        kept_sorted = getattr(self, "_t_sorted", None) if keep_sorted else None
+        rank_t_parts, sorted_parts = [], []
         out, below = [], []
         for ci, users in enumerate(self.chunks(self.data.num_users, h["chunk"])):
             users = users.to(uv.device)
@@ -287,7 +297,12 @@ class DCD(KDMethod):
                 t = self.teacher.score_rows(users).float()
                 if train is not None:
                     t = t.masked_fill(train, float("-inf"))
-                t_sorted = torch.sort(t, dim=1, descending=True).values
+                if kept_sorted is not None:
+                    t_sorted = kept_sorted[ci]
+                else:
+                    t_sorted = torch.sort(t, dim=1, descending=True).values
+                    if keep_sorted:
+                        sorted_parts.append(t_sorted)
                 rank_t = self.ranks_sorted(t_sorted, t, qt)
                 rank_t_parts.append(rank_t)
             else:
@@ -313,6 +328,8 @@ class DCD(KDMethod):
                 below.append(down)
         if keep_rank_t and fresh:
             self._rank_t = rank_t_parts
+        if keep_sorted and kept_sorted is None:
+            self._t_sorted = sorted_parts
         self.items = torch.cat(out)
         self.below = torch.cat(below) if below else None
 
